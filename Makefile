@@ -1,0 +1,35 @@
+# calibkit: two commands do everything on a fresh machine (Python 3.11 is the only prerequisite).
+#   make tutorial   set up, prepare data, run every notebook with its full parameters
+#   make test       set up, prepare data, run the whole test suite (smoke notebooks included)
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.calibkit-installed
+PROFILE ?= full
+
+.PHONY: setup data tutorial test lab clean
+
+# Re-runnable: the environment is rebuilt only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (calibkit)"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+data: setup
+	$(PY) data_scripts/ensure_data.py
+
+tutorial: data
+	$(PY) -m calibkit.runner --profile $(PROFILE)
+
+test: data
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lab: data
+	$(VENV)/bin/jupyter lab notebooks
+
+clean:
+	rm -rf outputs .pytest_cache .hypothesis

@@ -1,0 +1,102 @@
+"""Execute the tutorial notebooks in order through papermill and summarize their metrics.
+
+Used by ``make tutorial`` (default "full" parameters) and by the notebook regression tests ("smoke").
+Each notebook gets ``profile`` and ``output_dir = <output_root>/<notebook stem>``; notebooks after
+01 also get ``checkpoint_path = <output_root>/01_train_float/model.pt`` (the float model that
+notebook 01 trained). Only parameters a notebook declares in its ``parameters`` cell are passed.
+
+Command line::
+
+    python -m calibkit.runner --profile full --output-root outputs/full [--only 03]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+CHECKPOINT_NOTEBOOK = "01_train_float"
+
+
+def list_notebooks(notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
+    """Tutorial notebooks (``NN_*.ipynb``) in execution order."""
+    return sorted(p for p in Path(notebook_dir).glob("[0-9][0-9]_*.ipynb"))
+
+
+def notebook_parameters(nb_path: Path, profile: str, output_root: Path, extra: dict | None = None) -> dict:
+    """The papermill parameters for one notebook (only those its ``parameters`` cell declares)."""
+    import papermill as pm
+
+    declared = set(pm.inspect_notebook(str(nb_path)))
+    output_root = Path(output_root).resolve()
+    wanted = {
+        "profile": profile,
+        "output_dir": str(output_root / nb_path.stem),
+        "checkpoint_path": str(output_root / CHECKPOINT_NOTEBOOK / "model.pt"),
+        **(extra or {}),
+    }
+    return {k: v for k, v in wanted.items() if k in declared}
+
+
+def run_notebook(nb_path: Path, profile: str, output_root: Path, extra: dict | None = None,
+                 cell_timeout: int | None = None, kernel: str = "python3") -> dict:
+    """Execute one notebook; returns ``{"notebook", "executed", "seconds", "metrics"}``.
+
+    The executed copy is written to ``<output_root>/<stem>/<stem>.executed.ipynb``; the notebook
+    must write ``metrics.json`` into its ``output_dir`` (a missing file raises ``RuntimeError``).
+    """
+    import papermill as pm
+
+    nb_path = Path(nb_path).resolve()
+    out_dir = Path(output_root).resolve() / nb_path.stem
+    out_dir.mkdir(parents=True, exist_ok=True)
+    executed = out_dir / f"{nb_path.stem}.executed.ipynb"
+    params = notebook_parameters(nb_path, profile, output_root, extra)
+    t0 = time.perf_counter()
+    pm.execute_notebook(str(nb_path), str(executed), parameters=params, kernel_name=kernel,
+                        cwd=str(nb_path.parent), execution_timeout=cell_timeout, progress_bar=False)
+    seconds = time.perf_counter() - t0
+    metrics_path = out_dir / "metrics.json"
+    if not metrics_path.exists():
+        raise RuntimeError(f"{nb_path.name} ran but wrote no metrics.json into {out_dir}")
+    return {"notebook": nb_path.name, "executed": str(executed), "seconds": seconds,
+            "metrics": json.loads(metrics_path.read_text())}
+
+
+def _scalar_summary(metrics: dict, limit: int = 8) -> str:
+    items = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+             if isinstance(v, (int, float, str)) and not isinstance(v, bool) and (not isinstance(v, float) or math.isfinite(v))]
+    return ", ".join(items[:limit])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="full", choices=["full", "smoke"])
+    ap.add_argument("--output-root", default=None, help="default: outputs/<profile> in the repository")
+    ap.add_argument("--only", nargs="*", default=None, help="notebook number prefixes to run, e.g. 01 03")
+    ap.add_argument("--cell-timeout", type=int, default=None, help="seconds per cell (default: none)")
+    args = ap.parse_args(argv)
+    root = Path(args.output_root or NOTEBOOK_DIR.parent / "outputs" / args.profile).resolve()
+    notebooks = [p for p in list_notebooks() if not args.only or p.name[:2] in args.only]
+    results = []
+    for nb in notebooks:
+        print(f"[calibkit] running {nb.name} (profile={args.profile}) ...", flush=True)
+        res = run_notebook(nb, args.profile, root, cell_timeout=args.cell_timeout)
+        print(f"[calibkit]   done in {res['seconds']:.0f} s -> {res['executed']}", flush=True)
+        results.append(res)
+    summary = {r["notebook"]: {"seconds": r["seconds"], "metrics": r["metrics"]} for r in results}
+    (root / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("\n[calibkit] tutorial finished. Executed notebooks, figures and metrics are under", root)
+    for r in results:
+        print(f"  {r['notebook']:<32} {r['seconds']:7.0f} s  {_scalar_summary(r['metrics'])}")
+    print(f"  summary of all metrics: {root / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Project hygiene: install pins agree, notebooks are committed clean, CI calls the README command."""
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from calibkit.runner import list_notebooks
+
+ROOT = Path(__file__).resolve().parent.parent
+PINS = {"torch": "2.14.1", "torchvision": "0.29.1"}
+
+
+def _pins(requirements):
+    out = {}
+    for req in requirements:
+        m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*==\s*([^\s;]+)\s*", req)
+        if m:
+            out[m.group(1).lower()] = m.group(2)
+    return out
+
+
+def test_pyproject_pins_torch_exactly():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for name, version in PINS.items():
+        assert _pins(project["dependencies"]).get(name) == version, name
+    extras = project["optional-dependencies"]
+    wanted = {"jupyterlab", "ipywidgets", "papermill", "ipykernel", "pytest", "hypothesis"}
+    listed = {re.split(r"[<>=\[ ]", r)[0].lower() for group in extras.values() for r in group} | {
+        re.split(r"[<>=\[ ]", r)[0].lower() for r in project["dependencies"]}
+    assert wanted <= listed, wanted - listed
+    assert {"matplotlib", "tqdm"} <= listed
+
+
+def test_environment_yml_parses_and_matches_pins():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    deps = env["dependencies"]
+    assert "python=3.11" in deps
+    pip_section = next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
+    assert _pins(pip_section) == PINS
+    assert any(line.startswith("-e .[") for line in pip_section), "environment.yml must install the package with its extras"
+
+
+def test_notebooks_exist():
+    assert list_notebooks(), "no notebooks found in notebooks/"
+
+
+@pytest.mark.parametrize("nb_path", list_notebooks(), ids=lambda p: p.name)
+def test_notebook_is_committed_clean(nb_path):
+    nb = json.loads(nb_path.read_text())
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    code_cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert code_cells, "notebook has no code"
+    assert "parameters" in code_cells[0].get("metadata", {}).get("tags", []), "first code cell must be tagged 'parameters'"
+    for cell in code_cells:
+        assert cell.get("outputs", []) == [], "notebooks are committed without outputs"
+        assert cell.get("execution_count") is None, "notebooks are committed without execution counts"
+    params = "".join(code_cells[0]["source"])
+    assert re.search(r"^profile\s*=", params, re.M), "every notebook takes a `profile` parameter"
+    assert re.search(r"^output_dir\s*=", params, re.M), "every notebook takes an `output_dir` parameter"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in readme and "make tutorial" in readme
+    assert re.search(r"^make test\b", ci, re.M), ".ci/run must call the README's test command"
