@@ -1,0 +1,22 @@
+"""Shared test settings and fixtures. Data and tensor caches are found as in the library
+(CALIBKIT_DATA_DIR / CALIBKIT_CACHE_DIR or their defaults), so `make data` prepares them once."""
+
+import os
+
+import pytest
+
+
+def pytest_configure(config):
+    os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def cifar():
+    """The real CIFAR-10 tensors (skips when no data is available, e.g. outside `make test`)."""
+    from calibkit.data import load_cifar10
+    from calibkit.errors import DataNotFoundError
+
+    try:
+        return load_cifar10(download=False, progress=False)
+    except DataNotFoundError as e:
+        pytest.skip(f"CIFAR-10 not available: {e}")
