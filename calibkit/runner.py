@@ -3,7 +3,8 @@
 Used by ``make tutorial`` (default "full" parameters) and by the notebook regression tests ("smoke").
 Each notebook gets ``profile`` and ``output_dir = <output_root>/<notebook stem>``; notebooks after
 01 also get ``checkpoint_path = <output_root>/01_train_float/model.pt`` (the float model that
-notebook 01 trained). Only parameters a notebook declares in its ``parameters`` cell are passed.
+notebook 01 trained), and ``live_widgets = False`` (no browser is attached). Only parameters a
+notebook declares in its ``parameters`` cell are passed.
 
 Command line::
 
@@ -38,6 +39,7 @@ def notebook_parameters(nb_path: Path, profile: str, output_root: Path, extra: d
         "profile": profile,
         "output_dir": str(output_root / nb_path.stem),
         "checkpoint_path": str(output_root / CHECKPOINT_NOTEBOOK / "model.pt"),
+        "live_widgets": False,  # papermill has no browser: widget cells render once, statically
         **(extra or {}),
     }
     return {k: v for k, v in wanted.items() if k in declared}

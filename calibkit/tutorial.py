@@ -1,0 +1,119 @@
+"""Shared set-up of the quantization notebooks (02-06): profiles, the float model, the data splits.
+
+Notebook 01 trains the float model and saves it; every later notebook calls :func:`setup` with
+its ``profile`` and ``checkpoint_path`` parameters and gets the same, seeded ingredients:
+
+* ``calib``: calibration batches drawn from the training split (inference preprocessing + flips),
+* ``val_images`` / ``val_labels``: the validation set accuracy is measured on (a fixed, class-
+  balanced subset of the test split; the whole test split in the full profile),
+* ``slider_images`` / ``slider_labels``: a smaller fixed subset for interactive re-evaluation.
+
+All image tensors are normalized float32 ``[N, 3, 32, 32]``; labels int64 ``[N]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint
+from .data import ImageTensors, calibration_batches, load_cifar10, normalize
+from .errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class QuantProfile:
+    """Sizes used by the quantization notebooks for one profile.
+
+    Attributes:
+        calib_batches, calib_batch_size: calibration set = ``calib_batches`` x ``calib_batch_size``
+            training images.
+        val_images: test images used for validation accuracy (class-balanced, seeded subset;
+            ``None`` = the whole test split).
+        slider_images: test images re-evaluated on every slider move (first of ``val_images``).
+        qat_epochs, qat_train_images: QAT budget (notebook 06).
+    """
+
+    name: str
+    calib_batches: int
+    calib_batch_size: int
+    val_images: int | None
+    slider_images: int
+    qat_epochs: float
+    qat_train_images: int | None
+
+
+QUANT_PROFILES = {
+    "full": QuantProfile("full", calib_batches=32, calib_batch_size=128, val_images=None, slider_images=2000,
+                         qat_epochs=2.0, qat_train_images=None),
+    "smoke": QuantProfile("smoke", calib_batches=4, calib_batch_size=64, val_images=1000, slider_images=300,
+                          qat_epochs=0.25, qat_train_images=4000),
+}
+
+
+def get_quant_profile(profile: str) -> QuantProfile:
+    if profile not in QUANT_PROFILES:
+        raise ValueError(f"profile={profile!r} is unknown: use one of {sorted(QUANT_PROFILES)}")
+    return QUANT_PROFILES[profile]
+
+
+def load_float_model(checkpoint_path: str | Path, device=None) -> tuple[nn.Module, dict]:
+    """The float model notebook 01 trained (eval mode), with its metadata.
+
+    A missing file raises ``CheckpointError`` telling how to create it.
+    """
+    path = Path(checkpoint_path)
+    if not path.exists():
+        raise CheckpointError(
+            f"checkpoint_path={str(path)!r} does not exist. The quantization notebooks start from the float model "
+            "that notebook 01 trains: run it first (`make tutorial`, or "
+            "`python -m calibkit.runner --profile smoke --only 01` for a fast one) or point checkpoint_path at "
+            "your own calibkit checkpoint.")
+    model, meta = load_checkpoint(path, map_location=device or "cpu")
+    return model.eval(), meta
+
+
+@dataclass
+class TutorialSetup:
+    """What :func:`setup` returns (see the module docstring)."""
+
+    profile: QuantProfile
+    model: nn.Module
+    meta: dict
+    data: ImageTensors
+    calib: list[torch.Tensor]
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    slider_images: torch.Tensor
+    slider_labels: torch.Tensor
+    seed: int
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def example_inputs(self) -> tuple[torch.Tensor]:
+        return (self.calib[0][:2],)
+
+    def describe(self) -> str:
+        p = self.profile
+        return (f"profile={p.name}: calibration {p.calib_batches} x {p.calib_batch_size} training images (seed "
+                f"{self.seed}, flips), validation {len(self.val_labels)} test images, slider subset "
+                f"{len(self.slider_labels)} test images; data {self.data.source}")
+
+
+def setup(profile: str, checkpoint_path: str | Path, data_dir=None, seed: int = 0, device=None,
+          progress: bool = False) -> TutorialSetup:
+    """Load the float model and build the calibration / validation data for ``profile``."""
+    prof = get_quant_profile(profile)
+    model, meta = load_float_model(checkpoint_path, device)
+    data = load_cifar10(data_dir, progress=progress)
+    test = data.subset(test=prof.val_images, seed=seed) if prof.val_images is not None else data
+    dev = torch.device(device or "cpu")
+    val_x, val_y = normalize(test.test_images).to(dev), test.test_labels.to(dev)
+    n_slider = min(prof.slider_images, len(val_y))
+    slider = test.subset(train=0, test=n_slider, seed=seed)
+    calib = calibration_batches(data, prof.calib_batches, prof.calib_batch_size, seed=seed, flip=True, device=dev)
+    return TutorialSetup(prof, model, meta, data, calib, val_x, val_y, normalize(slider.test_images).to(dev),
+                         slider.test_labels.to(dev), seed)
