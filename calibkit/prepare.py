@@ -58,7 +58,9 @@ ACTIVATION_ROOT = "fake_quant"
 
 # -- weight-quantized modules ------------------------------------------------------------------------
 def _ste_round(t: torch.Tensor) -> torch.Tensor:
-    """``round(t)`` in value (exactly), identity for the gradient."""
+    """``round(t)`` in value (exactly), identity for the gradient (plain ``round`` when no gradient is needed)."""
+    if not (t.requires_grad and torch.is_grad_enabled()):
+        return torch.round(t)
     return t + (torch.round(t) - t).detach()
 
 

@@ -82,7 +82,15 @@ class _FakeQuantSTE(torch.autograd.Function):
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int = 8, ch_axis: int | None = None) -> torch.Tensor:
-    """Differentiable round-clamp-rescale (straight-through estimator); see ``_FakeQuantSTE``."""
+    """Differentiable round-clamp-rescale (straight-through estimator); see ``_FakeQuantSTE``.
+
+    Without a gradient to track (``no_grad`` or inputs that do not require one) it takes a fused,
+    in-place fast path with identical values.
+    """
+    if not (torch.is_grad_enabled() and (x.requires_grad or (isinstance(scale, torch.Tensor) and scale.requires_grad))):
+        qmin, qmax = qrange(bits)
+        s = _broadcast_scale(scale, x, ch_axis)
+        return torch.div(x, s).round_().clamp_(qmin, qmax).mul_(s)
     return _FakeQuantSTE.apply(x, scale, bits, ch_axis)
 
 

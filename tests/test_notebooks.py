@@ -44,7 +44,51 @@ def check_01(m, out):
     assert list(out.glob("*.png")), "notebook 01 saves its figures"
 
 
-CHECKS = {"01": check_01}
+METHODS = ("min_max", "percentile", "mse", "kl", "mix")
+
+
+def check_02(m, out):
+    assert 0.0 <= m["quantized_accuracy"] <= 1.0
+    # int8 min_max on a healthy model stays close to float (smoke model, 1000 test images)
+    assert abs(m["quantized_accuracy"] - m["float_accuracy"]) < 0.05
+    assert m["batch_size"] >= 1 and 0.0 <= m["averaging_constant"] <= 1.0
+    assert list(out.glob("*.csv")) and list(out.glob("*.png"))
+
+
+def check_03(m, out):
+    assert set(METHODS) <= set(m["methods"]), "every calibration method is in the table"
+    for name in METHODS:
+        row = m["methods"][name]
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["calib_seconds"] > 0
+        assert row["accuracy"] > m["float_accuracy"] - 0.05, f"int8 {name} is far below float"
+    assert 0.0 <= m["slider"]["accuracy"] <= 1.0 and m["slider"]["seconds"] > 0
+
+
+def check_04(m, out):
+    assert set(METHODS) <= set(m["methods"]), "the rank table has every method"
+    for name in METHODS:
+        row = m["methods"][name]
+        for col in ("rank_speed", "rank_accuracy", "rank_ease"):
+            assert 1 <= row[col] <= len(METHODS)
+        assert row["speed_seconds"] > 0 and 0.0 <= row["accuracy"] <= 1.0
+    accs = [step["accuracy"] for step in m["tuning_path"]]
+    assert accs and all(b >= a for a, b in zip(accs, accs[1:])), "the accepted tuning path never loses accuracy"
+
+
+def check_05(m, out):
+    assert len(m["per_op"]) >= 3 and m["overridden_ops"]
+    sqnr = [row[m["sort_by"]] for row in m["per_op"]]
+    assert sqnr == sorted(sqnr), "per-op table is sorted worst first"
+    assert m["accuracy_after_overrides"] >= m["accuracy_before"], "overriding the worst ops must not lose accuracy"
+
+
+def check_06(m, out):
+    assert set(m["qat"]) == {"well_fixed", "well_free", "poor_fixed", "poor_free"}
+    assert m["ptq"]["well"] >= m["ptq"]["poor"], "the well-calibrated start is better than the poor one"
+    assert abs(m["converted_accuracy"] - m["fake_quant_accuracy"]) <= 0.005, "integer model matches fake-quant"
+
+
+CHECKS = {"01": check_01, "02": check_02, "03": check_03, "04": check_04, "05": check_05, "06": check_06}
 
 
 @pytest.mark.parametrize("nb_path", list_notebooks(), ids=lambda p: p.stem)
