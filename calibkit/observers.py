@@ -8,6 +8,41 @@ derived from (``scale = amax / ((qmax - qmin) / 2)``).
 Every observer moving-averages its statistic with ``averaging_constant`` c: the first batch sets
 it, then ``v <- v + c * (v_batch - v)``; c = 0 freezes it after the first batch, c = 1 keeps only
 the latest batch.
+
+Methods and designs (all vectorized; large tensors are processed in cache-sized chunks):
+
+* ``min_max``: batch min/max. Per tensor or per channel.
+* ``percentile``: per batch, a histogram of ``|x|`` with ``bins`` bins over ``[0, amax_batch]``
+  (int64 counts); the clip is where the cumulative count reaches ``percentile`` %, interpolated
+  linearly inside that bin (so ``percentile=100`` is exactly the batch max). Per tensor/channel.
+* ``mse``: candidates ``amax_batch * (1 - k/100)``, ``k = 0, stride, 2*stride, ... <= 95``. A signed
+  histogram (``MSEObserver.SCORE_BINS`` bins per sign; bin ``[0, w)``, home of the exact zeros,
+  left out) scores *every* candidate at once: for values spread evenly inside a bin the mean
+  squared quantize-dequantize error has a closed form (integral of the rounding sawtooth plus the
+  clipping parabola), so the scores are one matrix product. The best-scored candidate and
+  ``k = 0`` (the ``min_max`` clip) are then quantize-dequantized exactly on the batch and the
+  smaller measured error wins: on its batch ``mse`` never has a larger L2 error than ``min_max``.
+  Per tensor/channel.
+* ``kl``: a histogram of ``|x|`` accumulated over all batches (``AccumulatingHistogram``:
+  power-of-two bin width, exact growth and pair merging, at most ``8 * bins`` bins). Every
+  ``update_interval`` steps, inside ``forward``, the clip minimizing the TensorRT-style KL
+  divergence is searched over all candidate thresholds at once (``kl_divergences``); each
+  search result is one moving-average sample. Bin 0, which holds the exact zeros of ReLU outputs
+  (represented exactly by every grid; their spike would dominate the divergence), gets the count
+  of bin 1 before the search, as in NVIDIA ModelOpt. Per tensor only. The histogram is not saved
+  in ``state_dict`` (``amax``, ``steps`` and ``searches`` are); calibrating again after loading
+  starts a new histogram.
+* ``mix``: per batch, the exact percentiles (order statistics, no histogram) for a grid of 22
+  settings from 99 % to 100 % (``MixObserver.PERCENTILES``, log-spaced tail fractions) are
+  candidates; the L2 quantize-dequantize error is *measured* on the batch for 6 coarse settings
+  (99, 99.9, 99.99, 99.999, 99.9999, 100), then for the neighbours two and one grid steps from the
+  best (10 measured settings in all), and the least error wins. A few rare huge values that carry
+  most of the error keep ``mix`` at the max, where a fixed percentile clips them. Per tensor/channel.
+* ``MovingAverageMinMax``/``MovingAveragePerChannelMinMax``: ``min_max`` fixed to per tensor / per
+  channel; ``fixed_scale``: a known range.
+
+Only ``amax``/``steps`` (plus small per-method buffers) are saved in ``state_dict``; histograms are
+working memory.
 """
 
 from __future__ import annotations
@@ -18,13 +53,36 @@ import torch
 from torch import nn
 
 from .errors import CalibrationError
-from .quant import check_bits, scale_from_amax
+from .histogram import (MAX_BINS, AccumulatingHistogram, abs_histogram, abs_order_statistics, column_chunks,
+                        kl_threshold_bins, percentile_from_histogram, percentile_ranks, signed_histogram,
+                        squared_error_lower_bound, squared_error_table, workspace)
+from .quant import check_bits, qrange, scale_from_amax
 
 
 def check_averaging_constant(c: float) -> float:
     if isinstance(c, bool) or not isinstance(c, (int, float)) or not (0.0 <= float(c) <= 1.0) or math.isnan(c):
         raise ValueError(f"averaging_constant={c!r} is out of range: use a number in [0, 1]")
     return float(c)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_percentile(percentile: float) -> float:
+    """Validate a percentile: a number in (0, 100]."""
+    ok = isinstance(percentile, (int, float)) and not isinstance(percentile, bool) and not math.isnan(percentile)
+    if not ok or not (0.0 < float(percentile) <= 100.0):
+        raise ValueError(f"percentile={percentile!r} is out of range: use a value in (0, 100]")
+    return float(percentile)
+
+
+def check_int_range(name: str, value: int, lo: int, hi: int | None = None, why: str = "") -> int:
+    """Validate an integer parameter in ``[lo, hi]`` (``hi=None``: no upper bound)."""
+    if not _is_int(value) or value < lo or (hi is not None and value > hi):
+        allowed = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
+        raise ValueError(f"{name}={value!r} is out of range{why}: use {allowed}")
+    return value
 
 
 class ObserverBase(nn.Module):
@@ -59,11 +117,14 @@ class ObserverBase(nn.Module):
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
+        x = x.detach()
         if x.numel() == 0:
             raise CalibrationError(f"{type(self).__name__}: received an empty tensor (shape {tuple(x.shape)}); calibration batches must contain data")
         if not x.is_floating_point():
             x = x.float()
-        if not bool(torch.isfinite(x).all()):
+        lo, hi = torch.aminmax(x)  # NaN propagates; cheaper than a full isfinite() mask
+        self._batch_minmax = (lo, hi)  # reused by per-tensor observers (not state)
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
             n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
             raise CalibrationError(
                 f"{type(self).__name__}: input contains {n_nan} NaN and {n_inf} Inf values (shape {tuple(x.shape)}); "
@@ -73,8 +134,14 @@ class ObserverBase(nn.Module):
         return x
 
     def _channels_first(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` reshaped to ``[C, N]`` along ``ch_axis`` (per-channel observers)."""
-        return x.transpose(0, self.ch_axis).reshape(x.shape[self.ch_axis], -1)
+        """``x`` reshaped to ``[C, N]`` along ``ch_axis`` (per-channel observers); row ``c`` holds
+        ``x.select(ch_axis, c)`` in its own element order."""
+        return x.movedim(self.ch_axis, 0).reshape(x.shape[self.ch_axis], -1)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 ``[C, N]``: one row per channel, or a single row per tensor."""
+        x2d = x.reshape(1, -1) if self.ch_axis is None else self._channels_first(x)
+        return x2d.to(torch.float32)
 
     def _average(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """Moving average of a statistic; the first batch sets it."""
@@ -85,7 +152,7 @@ class ObserverBase(nn.Module):
 
     # -- interface ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xd = self._check_input(x.detach())
+        xd = self._check_input(x)
         self._observe(xd)
         self.steps += 1
         return x
@@ -140,7 +207,7 @@ class MinMaxObserver(ObserverBase):
 
     def _observe(self, x: torch.Tensor) -> None:
         if self.ch_axis is None:
-            lo, hi = torch.aminmax(x)
+            lo, hi = self._batch_minmax  # computed by the input check
         else:
             lo, hi = torch.aminmax(self._channels_first(x), dim=1)
         self.min_val = self._average(self.min_val, lo)
@@ -209,7 +276,291 @@ class FixedScaleObserver(ObserverBase):
         pass
 
 
+def _row_amax(x2d: torch.Tensor, minmax: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Per-row ``max |x|`` (float32 ``[C]``); ``minmax``: the tensor's (min, max) if already known (C = 1)."""
+    if x2d.shape[0] == 1:
+        lo, hi = minmax if minmax is not None else torch.aminmax(x2d)
+    else:
+        lo, hi = torch.aminmax(x2d, dim=1)
+    return torch.maximum(-lo, hi).reshape(-1).to(torch.float32)
+
+
+class SquaredErrors:
+    """Accumulates exact L2 quantize-dequantize errors ``sum((x - qdq(x, s))**2)`` chunk by chunk.
+
+    Args:
+        scales: float32 ``[C, T]``: ``T`` candidate scales per row; bits: the integer grid.
+    Call it on consecutive column chunks ``xc`` (``[C, n]``, float32) of the data; ``out`` holds the
+    float64 ``[C, T]`` sums (float32 partial sums per chunk). ``qdq`` is
+    ``round(x / s).clamp(qmin, qmax) * s`` as in :func:`calibkit.quant.quantize_dequantize`.
+    """
+
+    def __init__(self, scales: torch.Tensor, bits: int):
+        self.qmin, self.qmax = qrange(bits)
+        self.scales = scales.to(torch.float32)
+        self.parts: list[torch.Tensor] = []
+        # Rows whose scale is tiny or huge would underflow/overflow float32 squares: they are computed
+        # on x * 2**-e (e: the exponent of the row's largest scale). Scaling by a power of two is exact,
+        # so every rounding is the same as on x itself; the sums are scaled back in float64.
+        _, e = torch.frexp(self.scales.amax(1, keepdim=True))
+        self.factor = None
+        if bool(((e < -40) | (e > 40)).any()):
+            self.factor = torch.where((e < -40) | (e > 40), torch.ldexp(torch.ones_like(self.scales[:, :1]), -e),
+                                      torch.ones_like(self.scales[:, :1]))
+            self.scales = self.scales * self.factor
+
+    def __call__(self, xc: torch.Tensor) -> None:
+        if self.factor is not None:
+            xc = torch.mul(xc, self.factor, out=workspace("sq_err_x", xc.shape, torch.float32, xc.device))
+        b = workspace("sq_err_f32", xc.shape, torch.float32, xc.device)
+        for j in range(self.scales.shape[1]):
+            s = self.scales[:, j:j + 1]
+            torch.div(xc, s, out=b).round_().clamp_(self.qmin, self.qmax)
+            torch.addcmul(xc, b, s, value=-1, out=b)  # x - q * s
+            self.parts.append(b.square_().sum(1))
+
+    @property
+    def out(self) -> torch.Tensor:
+        """float64 ``[C, T]`` error sums over the chunks seen so far."""
+        C, T = self.scales.shape
+        if not self.parts:
+            return torch.zeros(C, T, dtype=torch.float64, device=self.scales.device)
+        total = torch.stack(self.parts, 1).view(C, -1, T).double().sum(1)
+        return total if self.factor is None else total / self.factor.double() ** 2
+
+
+def squared_errors(x2d: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """Exact L2 quantize-dequantize errors per row and candidate: float64 ``[C, T]``.
+
+    ``x2d``: float32 ``[C, N]``; ``scales``: float32 ``[C, T]``. All candidates are evaluated on each
+    cache-sized chunk in turn (see :class:`SquaredErrors`).
+    """
+    acc = SquaredErrors(scales.to(x2d.device), bits)
+    for xc in column_chunks(x2d):
+        acc(xc)
+    return acc.out
+
+
+class _BatchClipObserver(ObserverBase):
+    """Observers whose statistic is a per-batch clip (``[C]`` per row), moving-averaged."""
+
+    def _observe(self, x: torch.Tensor) -> None:
+        x2d = self._rows(x)
+        minmax = getattr(self, "_batch_minmax", None) if self.ch_axis is None else None
+        clip = self._batch_clip(x2d, _row_amax(x2d, minmax))
+        self.amax = self._average(self.amax, clip.reshape(()) if self.ch_axis is None else clip)
+
+    def _batch_clip(self, x2d: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Clip per row (float32 ``[C]``) for this batch; ``amax``: per-row ``max |x|``."""
+        raise NotImplementedError
+
+
+class PercentileObserver(_BatchClipObserver):
+    """``percentile``: per batch, the clip where the cumulative histogram of ``|x|`` reaches ``percentile`` %.
+
+    Args:
+        percentile: in (0, 100] (default 99.99); 100 gives the batch max.
+        bins: histogram bins over ``[0, max|x|]`` of each batch, integer in [2, 2**20] (default 2048).
+        bits, averaging_constant, ch_axis: see :class:`ObserverBase` (per channel supported).
+
+    The clip is interpolated linearly inside the bin where the target count is reached (see
+    :func:`calibkit.histogram.percentile_from_histogram`); the clip is moving-averaged.
+    """
+
+    name = "percentile"
+
+    def __init__(self, bits: int = 8, averaging_constant: float = 0.01, ch_axis: int | None = None,
+                 percentile: float = 99.99, bins: int = 2048):
+        super().__init__(bits, averaging_constant, ch_axis)
+        self.percentile = check_percentile(percentile)
+        self.bins = check_int_range("bins", bins, 2, MAX_BINS)
+
+    def _batch_clip(self, x2d: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+        return percentile_from_histogram(abs_histogram(x2d, amax, self.bins), amax, self.percentile)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", percentile={self.percentile}, bins={self.bins}"
+
+
+class MSEObserver(_BatchClipObserver):
+    """``mse``: per batch, the clip ``max|x| * (1 - k/100)`` with the least L2 quantize-dequantize error.
+
+    Args:
+        stride: step of ``k`` over ``0, stride, 2*stride, ... <= 95`` (integer in [1, 95], default 1).
+        bits, averaging_constant, ch_axis: see :class:`ObserverBase` (per channel supported).
+
+    All candidates are scored at once from a signed histogram (``SCORE_BINS`` bins per sign) with
+    the closed-form error table of :func:`calibkit.histogram.squared_error_table`. The best-scored
+    candidate is then quantize-dequantized exactly on the batch and kept only if its error is
+    smaller than that of ``k = 0`` (the ``min_max`` clip; ties keep ``k = 0``). The error of ``k = 0``
+    is measured exactly too, unless a guaranteed lower bound computed from the same histogram
+    (:func:`calibkit.histogram.squared_error_lower_bound`) already exceeds the best candidate's
+    measured error. Hence, on its batch, ``mse`` never has a larger L2 error than ``min_max``, and
+    usually costs one histogram pass plus one quantize-dequantize pass. The clip is moving-averaged.
+    """
+
+    name = "mse"
+    SCORE_BINS = 2048
+    MAX_SHRINK_PERCENT = 95
+
+    def __init__(self, bits: int = 8, averaging_constant: float = 0.01, ch_axis: int | None = None, stride: int = 1):
+        super().__init__(bits, averaging_constant, ch_axis)
+        self.stride = check_int_range("stride", stride, 1, self.MAX_SHRINK_PERCENT)
+        self.shrinks = tuple(1.0 - k / 100.0 for k in range(0, self.MAX_SHRINK_PERCENT + 1, self.stride))
+
+    def _batch_clip(self, x2d: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+        B = self.SCORE_BINS
+        counts = signed_histogram(x2d, amax, B)
+        scale0 = scale_from_amax(amax, self.bits)                                        # k = 0
+        bound0 = squared_error_lower_bound(counts, amax, scale0, self.bits)              # <= its error
+        # Bin [0, w) is left out of the scores: it holds the exact zeros (ReLU), which have no error
+        # for any candidate; its other values are few and tiny, their error ~constant over candidates.
+        counts[:, B] = 0
+        counts = torch.cat([counts[:, B:], counts[:, :B].flip(1)], 1)                    # |x| bins: +, -
+        score = torch.stack([self._scores(row) for row in counts])                      # [C, K]
+        best = torch.stack([torch.argsort(row, stable=True)[0] for row in score])       # ties: larger clip
+        if not bool(best.any()):  # k = 0 (the min_max clip) scored best everywhere
+            return amax
+        shrink = torch.tensor(self.shrinks, dtype=torch.float32, device=amax.device)
+        best_clip = amax * shrink.index_select(0, best)
+        scale_best = scale_from_amax(best_clip, self.bits)
+        if bool((score.gather(1, best[:, None])[:, 0] < 0.75 * score[:, 0]).all()):
+            # a clear gain is expected: measure the best candidate alone; k = 0 is measured only if
+            # the histogram bound cannot prove it worse
+            err_best = squared_errors(x2d, scale_best[:, None], self.bits)[:, 0]
+            proven = err_best * (1 + 1e-5) <= bound0 * (1 - 1e-5)
+            if bool(proven.all()):
+                return best_clip
+            err0 = squared_errors(x2d, scale0[:, None], self.bits)[:, 0]
+        else:
+            both = squared_errors(x2d, torch.stack([scale0, scale_best], 1), self.bits)
+            err0, err_best = both[:, 0], both[:, 1]
+        return torch.where(err_best < err0, best_clip, amax)
+
+    def _scores(self, counts: torch.Tensor) -> torch.Tensor:
+        """Estimated error of every candidate (float32 ``[K]``) for one row of ``|x|`` bin counts.
+
+        float32 (the estimate itself is good to ~0.1 %; the float32 table stays in cache); one row
+        at a time so that a channel scores exactly as the same data would per tensor."""
+        table = squared_error_table(self.bits, self.SCORE_BINS, self.shrinks, counts.device, torch.float32)
+        used = torch.nonzero(counts)[:, 0]
+        if used.numel() <= 256:  # small tensors: only the non-empty bins
+            return (counts.index_select(0, used).float()[:, None] * table.index_select(0, used)).sum(0)
+        return counts.float() @ table
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", stride={self.stride}"
+
+
+class MixObserver(_BatchClipObserver):
+    """``mix``: per batch, the percentile setting whose clip has the least *measured* L2 error.
+
+    No parameters to tune besides ``bits``, ``averaging_constant``, ``ch_axis`` (per channel supported).
+    Candidates are exact percentiles of ``|x|`` (order statistics, see
+    :func:`calibkit.histogram.abs_order_statistics`) for ``PERCENTILES`` = 99 %, then tail fractions
+    ``10**(-2 - j/4)`` down to 99.99999 %, and 100 % (the max). The L2 quantize-dequantize error is
+    measured on the batch for the ``COARSE`` settings, then for the settings two and one grid steps on
+    either side of the best so far; the least measured error wins (ties keep the earlier best).
+    The clip is moving-averaged.
+    """
+
+    name = "mix"
+    PERCENTILES = tuple(100.0 - 10.0 ** (-j / 4) for j in range(21)) + (100.0,)
+    COARSE = (0, 4, 8, 12, 16, 21)
+
+    def _batch_clip(self, x2d: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
+        C, N = x2d.shape
+        clips = abs_order_statistics(x2d, percentile_ranks(self.PERCENTILES, N).to(x2d.device))   # [C, P]
+        last = len(self.PERCENTILES) - 1
+
+        def errors(idx: torch.Tensor) -> torch.Tensor:
+            return squared_errors(x2d, scale_from_amax(clips.gather(1, idx), self.bits), self.bits)
+
+        idx = torch.tensor(self.COARSE, device=x2d.device).expand(C, -1)
+        best_err, pos = errors(idx).min(1)
+        best = idx.gather(1, pos[:, None])[:, 0]
+        for step in (2, 1):
+            idx = torch.stack([best - step, best + step], 1).clamp_(0, last)
+            err, pos = errors(idx).min(1)
+            better = err < best_err
+            best = torch.where(better, idx.gather(1, pos[:, None])[:, 0], best)
+            best_err = torch.where(better, err, best_err)
+        return clips.gather(1, best[:, None])[:, 0]
+
+
+class KLObserver(ObserverBase):
+    """``kl``: TensorRT-style entropy calibration on a histogram of ``|x|`` accumulated over batches.
+
+    Args:
+        bins: resolution of the first batch's range (the power-of-two bin width just below
+            ``max|x| / bins``); integer in [2**(bits-1) + 1, 2**20] (default 2048): the search needs
+            more bins than the ``2**(bits-1)`` quantization levels per sign.
+        update_interval: search for the threshold every this many steps (integer >= 1, default 1);
+            it must not exceed the number of calibration steps, else no threshold exists and reading
+            the qparams raises :class:`CalibrationError`.
+        bits, averaging_constant: see :class:`ObserverBase`. Per tensor only (``ch_axis=None``).
+
+    Each search (over all candidate thresholds, see :func:`calibkit.histogram.kl_divergences`) uses
+    every batch seen so far; its result is one sample of the moving average (the first sets it).
+    Before the search, bin 0 (``[0, width)``) gets the count of bin 1 (as in NVIDIA ModelOpt): it holds
+    the exact zeros of ReLU outputs, which every grid represents exactly and which would otherwise
+    dominate the divergence; for smooth densities of ``|x|`` bins 0 and 1 hold about the same count.
+    Search cost ``O(L * 2**(bits-1))`` for ``L <= 8 * bins`` bins.
+    Buffers: ``amax``, ``steps``, ``searches`` (saved); the histogram is not saved.
+    """
+
+    name = "kl"
+    supports_per_channel = False
+
+    def __init__(self, bits: int = 8, averaging_constant: float = 0.01, ch_axis: None = None,
+                 bins: int = 2048, update_interval: int = 1):
+        super().__init__(bits, averaging_constant, ch_axis)
+        levels = 2 ** (self.bits - 1)
+        self.bins = check_int_range("bins", bins, levels + 1, MAX_BINS,
+                                    f" for the kl observer at bits={self.bits} (it needs more bins than the "
+                                    f"2**(bits-1) = {levels} quantization levels per sign)")
+        self.update_interval = check_int_range("update_interval", update_interval, 1)
+        self.register_buffer("searches", torch.tensor(0, dtype=torch.int64))
+        self.histogram = AccumulatingHistogram(self.bins)
+
+    def _observe(self, x: torch.Tensor) -> None:
+        self.histogram.add(x)
+        if (int(self.steps) + 1) % self.update_interval == 0:
+            self._search()
+
+    def _search(self) -> None:
+        hist = self.histogram
+        if hist.counts is None:
+            clip = 0.0
+        else:
+            counts = hist.counts.clone()
+            if counts.numel() > 1:
+                counts[0] = counts[1]  # bin 0 holds the exact zeros (ReLU): see the class docstring
+            clip = min(kl_threshold_bins(counts, 2 ** (self.bits - 1)) * hist.width, hist.max_value)
+        new = torch.tensor(clip, dtype=torch.float32, device=self.amax.device)
+        self.amax = new if int(self.searches) == 0 else self.amax + self.averaging_constant * (new - self.amax)
+        self.searches += 1
+
+    def _require_data(self) -> None:
+        super()._require_data()
+        if int(self.searches) == 0:
+            raise CalibrationError(
+                f"update_interval={self.update_interval} is larger than the {int(self.steps)} calibration steps run: "
+                "use update_interval <= number of calibration steps")
+
+    def reset(self) -> None:
+        super().reset()
+        self.searches.zero_()
+        self.histogram.reset()
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", bins={self.bins}, update_interval={self.update_interval}"
+
+
 _REGISTRY: dict[str, type[ObserverBase]] = {}
+#: Alternative spellings accepted by ``get_observer_class`` (the spec's CamelCase names).
+_ALIASES = {"MovingAverageMinMax": "moving_average_min_max",
+            "MovingAveragePerChannelMinMax": "moving_average_per_channel_min_max"}
 
 
 def register_observer(cls: type[ObserverBase]) -> type[ObserverBase]:
@@ -218,7 +569,8 @@ def register_observer(cls: type[ObserverBase]) -> type[ObserverBase]:
     return cls
 
 
-for _cls in (MinMaxObserver, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver, FixedScaleObserver):
+for _cls in (MinMaxObserver, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver, FixedScaleObserver,
+             PercentileObserver, MSEObserver, KLObserver, MixObserver):
     register_observer(_cls)
 
 
@@ -231,6 +583,6 @@ def get_observer_class(name_or_class: str | type[ObserverBase]) -> type[Observer
     """Resolve an observer name (e.g. ``"mse"``) or class; unknown names raise ``ValueError``."""
     if isinstance(name_or_class, type) and issubclass(name_or_class, ObserverBase):
         return name_or_class
-    if isinstance(name_or_class, str) and name_or_class in _REGISTRY:
-        return _REGISTRY[name_or_class]
+    if isinstance(name_or_class, str) and _ALIASES.get(name_or_class, name_or_class) in _REGISTRY:
+        return _REGISTRY[_ALIASES.get(name_or_class, name_or_class)]
     raise ValueError(f"observer={name_or_class!r} is unknown: use one of {observer_names()} or an ObserverBase subclass")

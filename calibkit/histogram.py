@@ -1,0 +1,464 @@
+"""Histogram machinery shared by the ``percentile``, ``kl``, ``mse`` and ``mix`` observers.
+
+Everything here runs on the device of the tensor it is given, counts in ``int64`` (never float32,
+which stops counting exactly at 2**24) and processes large tensors in cache-sized chunks, which on
+a CPU is several times faster than one pass of full-size temporaries.
+
+Bin conventions (``w`` = bin width):
+
+* bin ``k`` holds values in ``[k*w, (k+1)*w)``; in the one-shot histograms (:func:`abs_histogram`,
+  :func:`signed_histogram`) the last bin is closed, so the largest value counts in it.
+* :class:`AccumulatingHistogram` keeps ``w`` a power of two. Bin edges are then exact binary
+  fractions, ``floor(|x| / w)`` is computed without rounding, growing the range (appending empty
+  bins) and halving the resolution (summing adjacent pairs, ``w -> 2w``) are both *exact*: the
+  result equals a histogram built from scratch at the final width.
+
+Searches over thresholds are vectorized over all candidates (prefix sums over the histogram); no
+Python loop over bins anywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+
+import numpy as np
+import torch
+
+from .quant import qrange
+
+#: Elements per chunk on CPU (512 KiB of float32: the chunk and its work buffers stay in L2 cache).
+CPU_CHUNK = 1 << 17
+#: Elements per chunk on accelerators (a single pass for any realistic activation).
+DEVICE_CHUNK = 1 << 26
+#: Largest ``bins`` accepted by the histogram observers.
+MAX_BINS = 1 << 20
+#: :class:`AccumulatingHistogram` never holds more than ``MAX_LENGTH_FACTOR * bins`` bins.
+MAX_LENGTH_FACTOR = 8
+
+
+def chunk_elems(device: torch.device) -> int:
+    """Number of elements processed per chunk on ``device``."""
+    return CPU_CHUNK if torch.device(device).type == "cpu" else DEVICE_CHUNK
+
+
+_scratch = threading.local()
+
+
+def workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable scratch tensor (per thread, name, dtype and device; contents undefined).
+
+    Reusing chunk buffers across calls avoids fresh allocations (and page faults) on every batch.
+    """
+    cache = _scratch.__dict__.setdefault("buffers", {})
+    key = (name, dtype, torch.device(device))
+    n = math.prod(shape)
+    buf = cache.get(key)
+    if buf is None or buf.numel() < n:
+        buf = cache[key] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
+
+
+def column_chunks(x2d: torch.Tensor):
+    """Yield column slices of ``x2d`` ``[C, N]`` holding about ``chunk_elems`` elements each."""
+    cols = max(1, chunk_elems(x2d.device) // x2d.shape[0])
+    for start in range(0, x2d.shape[1], cols):
+        yield x2d[:, start:start + cols]
+
+
+def _binned_counts(x2d: torch.Tensor, mult: torch.Tensor, offset: float, length: int, absolute: bool,
+                   per_chunk=None) -> torch.Tensor:
+    """Per-row counts of ``trunc((|x| or x) * mult + offset)`` for indices ``0..length-1``.
+
+    ``mult``: float32 ``[C]``; every index must already lie in ``[0, length)``. Returns int64 ``[C, length]``.
+    ``per_chunk``: optional callable run on every chunk while it is in cache (fusing another pass).
+    """
+    C = x2d.shape[0]
+    counts = torch.zeros(C * length, dtype=torch.int64, device=x2d.device)
+    mult = mult.to(torch.float32).reshape(C, 1)
+    # bins / amax overflows float32 only for amax < ~1e-35 (far below any usable scale): such rows
+    # put all their non-zero values in the last bin
+    overflow = not bool(torch.isfinite(mult).all())
+    rows = None if C == 1 else torch.arange(C, device=x2d.device, dtype=torch.int32).mul_(length).reshape(C, 1)
+    off = None
+    for xc in column_chunks(x2d):
+        b = workspace("bins_f32", xc.shape, torch.float32, x2d.device)
+        ib = workspace("bins_i32", xc.shape, torch.int32, x2d.device)
+        if absolute:
+            torch.abs(xc, out=b).mul_(mult)
+            if offset:
+                b.add_(offset)
+        else:  # x * mult + offset in one op (the offset buffer has the chunk's shape: fast path)
+            if off is None:
+                off = workspace("bins_offset", xc.shape, torch.float32, x2d.device).fill_(offset)
+            torch.addcmul(off[:, :xc.shape[1]], xc, mult, out=b)
+        if overflow:
+            torch.nan_to_num_(b, nan=offset, posinf=length - 1, neginf=0.0)
+        ib.copy_(b)  # float -> int32 truncates toward zero (= floor for the non-negative values here)
+        if rows is not None:
+            ib.add_(rows)
+        counts += torch.bincount(ib.reshape(-1), minlength=C * length)
+        if per_chunk is not None:
+            per_chunk(xc)
+    return counts.reshape(C, length)
+
+
+def _row_mult(amax: torch.Tensor, bins: int) -> torch.Tensor:
+    """``bins / amax`` per row (float32); rows with ``amax == 0`` get 0 (everything lands in bin 0)."""
+    amax = amax.to(torch.float32).reshape(-1)
+    return torch.where(amax > 0, bins / amax, torch.zeros_like(amax))
+
+
+def abs_histogram(x2d: torch.Tensor, amax: torch.Tensor, bins: int) -> torch.Tensor:
+    """Histogram of ``|x|`` per row over ``[0, amax_c]`` with ``bins`` equal bins.
+
+    Args:
+        x2d: float32 ``[C, N]`` (one row per channel; ``C = 1`` per tensor).
+        amax: ``[C]`` the row maxima of ``|x|`` (the histogram range).
+        bins: number of bins (>= 1).
+    Returns: int64 ``[C, bins]``; bin ``k`` counts ``k*w <= |x| < (k+1)*w`` with ``w = amax/bins``,
+    the last bin also counts ``|x| == amax``.
+    """
+    counts = _binned_counts(x2d, _row_mult(amax, bins), 0.0, bins + 1, absolute=True)
+    counts[:, bins - 1] += counts[:, bins]
+    return counts[:, :bins]
+
+
+def signed_histogram(x2d: torch.Tensor, amax: torch.Tensor, bins_per_side: int, per_chunk=None) -> torch.Tensor:
+    """Histogram of ``x`` per row over ``[-amax_c, amax_c]`` with ``2 * bins_per_side`` equal bins.
+
+    Returns int64 ``[C, 2 * bins_per_side]``; bin ``j`` counts ``(j - B) w <= x < (j - B + 1) w``
+    with ``B = bins_per_side`` and ``w = amax / B``; the last bin also counts ``x == amax``.
+    ``per_chunk(xc)``, if given, runs on each column chunk ``xc`` of ``x2d`` while it is in cache.
+    """
+    B = bins_per_side
+    counts = _binned_counts(x2d, _row_mult(amax, B), float(B), 2 * B + 1, absolute=False, per_chunk=per_chunk)
+    counts[:, 2 * B - 1] += counts[:, 2 * B]
+    return counts[:, :2 * B]
+
+
+def percentile_from_histogram(counts: torch.Tensor, amax: torch.Tensor, percentile: float) -> torch.Tensor:
+    """Clip where the cumulative count of an :func:`abs_histogram` reaches ``percentile`` %.
+
+    The clip is interpolated linearly inside the bin where the target count ``percentile/100 * N``
+    is reached (uniform density inside a bin), so ``percentile=100`` gives exactly ``amax`` and
+    the result moves continuously with ``percentile``. Returns float32 ``[C]``, ``0 <= clip <= amax``.
+    """
+    C, B = counts.shape
+    cum = counts.cumsum(1)
+    total = cum[:, -1].double()
+    target = total * (percentile / 100.0)
+    j = (cum.double() < target[:, None]).sum(1).clamp_(max=B - 1)
+    prev = torch.where(j > 0, cum.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], torch.zeros_like(j)).double()
+    cnt = counts.gather(1, j[:, None])[:, 0].double()
+    frac = ((target - prev) / cnt.clamp(min=1)).clamp_(0, 1)
+    amax64 = amax.double().reshape(-1)
+    clip = torch.minimum((j.double() + frac) * (amax64 / B), amax64)
+    return clip.to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact order statistics of |x| (mix observer)
+# --------------------------------------------------------------------------------------------
+_BUCKET_SHIFT = 16  # float32 bit pattern >> 16: sign(0) + 8 exponent bits + 7 mantissa bits
+
+
+def abs_order_statistics(x2d: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """Exact order statistics of ``|x|`` per row: the ``ranks``-th smallest (1-based) values.
+
+    ``ranks``: int64 ``[R]`` in ``[1, N]``. Returns float32 ``[C, R]``.
+
+    Small inputs are sorted. A single large row (an activation) is not: the float32 bit patterns
+    of ``|x|`` are monotonic in value, so a 32768-bucket histogram of ``bits >> 16`` (bucket width
+    < 1 % of the value) locates the bucket of the smallest requested rank; only the values from
+    that bucket up are selected and sorted. Results are identical to a full sort.
+    """
+    C, N = x2d.shape
+    if C > 1 or N <= (1 << 16):
+        return torch.sort(x2d.abs(), dim=1).values.index_select(1, ranks - 1)
+    nb = 1 << (31 - _BUCKET_SHIFT)
+    counts = torch.zeros(nb, dtype=torch.int64, device=x2d.device)
+    for xc in column_chunks(x2d):
+        b = workspace("bins_f32", xc.shape, torch.float32, x2d.device)
+        ib = workspace("bins_i32", xc.shape, torch.int32, x2d.device)
+        torch.abs(xc, out=b)
+        torch.bitwise_right_shift(b.view(torch.int32), _BUCKET_SHIFT, out=ib)
+        counts += torch.bincount(ib.reshape(-1), minlength=nb)
+    cum = counts.cumsum(0)
+    rmin = int(ranks.min())
+    b0 = int((cum < rmin).sum())
+    below = int(cum[b0 - 1]) if b0 > 0 else 0
+    t0 = torch.tensor(b0 << _BUCKET_SHIFT, dtype=torch.int32).view(torch.float32).item()
+    picked = []
+    for xc in column_chunks(x2d):
+        a = torch.abs(xc, out=workspace("bins_f32", xc.shape, torch.float32, x2d.device))
+        picked.append(a[a >= t0])
+    top = torch.sort(torch.cat(picked)).values
+    return top.index_select(0, (ranks - 1 - below).to(top.device)).reshape(1, -1)
+
+
+def percentile_ranks(percentiles: torch.Tensor | list[float], n: int) -> torch.Tensor:
+    """1-based rank ``ceil(p/100 * n)`` (clamped to ``[1, n]``) of each percentile ``p``."""
+    p = torch.as_tensor(percentiles, dtype=torch.float64)
+    r = torch.ceil(p * n / 100.0 * (1 - 1e-12))
+    return r.clamp_(1, n).to(torch.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Accumulated histogram with exact growth (kl observer)
+# --------------------------------------------------------------------------------------------
+class AccumulatingHistogram:
+    """Histogram of ``|x|`` accumulated over batches, with exact range growth.
+
+    Args:
+        bins: resolution of the first range: the bin width is the power of two just below
+            ``amax_first / bins``, so the first batch's range spans ``bins + 1 .. 2 * bins`` bins.
+        max_length: cap on the number of bins (default ``MAX_LENGTH_FACTOR * bins``, at least
+            ``2 * bins``). When a larger value arrives the histogram is extended with empty bins at the
+            same width; if that would exceed the cap, adjacent pairs are summed (width doubles) until
+            it fits. Both are exact.
+
+    Attributes: ``counts`` (int64 ``[L]`` on the data's device, or ``None`` while only zeros were
+    seen), ``width`` (float, a power of two, at least ``2**-126``), ``total`` (elements seen),
+    ``max_value`` (largest ``|x|`` seen). Bin ``k`` counts ``k * width <= |x| < (k + 1) * width``.
+    """
+
+    def __init__(self, bins: int, max_length: int | None = None):
+        self.bins = int(bins)
+        self.max_length = int(max_length) if max_length is not None else MAX_LENGTH_FACTOR * self.bins
+        if self.max_length < 2 * self.bins:
+            raise ValueError(f"max_length={self.max_length} is too small: use max_length >= 2 * bins = {2 * self.bins}")
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all data."""
+        self.counts: torch.Tensor | None = None
+        self.width = 0.0
+        self.total = 0
+        self.max_value = 0.0
+        self._zeros_before_start = 0  # elements of all-zero batches seen before the first non-zero value
+
+    def __len__(self) -> int:
+        return 0 if self.counts is None else self.counts.numel()
+
+    @property
+    def edges(self) -> torch.Tensor:
+        """Bin edges (float64 ``[L + 1]``): ``k * width``."""
+        return torch.arange(len(self) + 1, dtype=torch.float64) * self.width
+
+    def _exponent_for(self, amax: float) -> int:
+        _, e = math.frexp(amax / self.bins)  # amax / bins = m * 2**e, 0.5 <= m < 1
+        return max(e - 1, -126)               # width = 2**(e-1) <= amax / bins; 1/width fits float32
+
+    def _merge_pairs(self) -> None:
+        c = self.counts
+        if c.numel() % 2:
+            c = torch.cat([c, c.new_zeros(1)])
+        self.counts = c.view(-1, 2).sum(1)
+        self.width *= 2
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add the values of ``x`` (any shape, finite; binned in float32)."""
+        x2d = x.detach().reshape(1, -1).to(torch.float32)
+        n = x2d.shape[1]
+        if n == 0:
+            return
+        lo, hi = torch.aminmax(x2d)
+        amax = max(-float(lo), float(hi))
+        self.total += n
+        self.max_value = max(self.max_value, amax)
+        if self.counts is not None and self.counts.device != x2d.device:  # the observer moved devices
+            self.counts = self.counts.to(x2d.device)
+        if self.counts is None:
+            if amax == 0.0:
+                self._zeros_before_start += n
+                return
+            self.width = math.ldexp(1.0, self._exponent_for(amax))
+            self.counts = torch.zeros(1, dtype=torch.int64, device=x2d.device)
+            self.counts[0] = self._zeros_before_start
+        needed = math.floor(amax / self.width) + 1
+        while needed > self.max_length:
+            self._merge_pairs()
+            needed = math.floor(amax / self.width) + 1
+        if needed > len(self):
+            self.counts = torch.cat([self.counts, self.counts.new_zeros(needed - len(self))])
+        inv = torch.tensor([1.0 / self.width], dtype=torch.float32, device=x2d.device)  # exact power of two
+        self.counts += _binned_counts(x2d, inv, 0.0, len(self), absolute=True)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# KL (TensorRT-style entropy) threshold search
+# --------------------------------------------------------------------------------------------
+def kl_divergences(hist: torch.Tensor, num_levels: int, max_block: int = 1 << 19) -> torch.Tensor:
+    """KL(P_i || Q_i) for every candidate threshold ``i = num_levels .. L`` (bins kept).
+
+    ``hist``: counts ``[L]`` of ``|x|`` (bin 0 starting at 0). For candidate ``i``:
+
+    * reference ``P_i``: ``hist[:i]`` with all the mass of ``hist[i:]`` (clipped values) added to
+      bin ``i-1``;
+    * candidate ``Q_i``: ``hist[:i]`` merged into ``num_levels`` groups (bin ``j`` belongs to group
+      ``floor(j * num_levels / i)``), each group's count spread evenly over its non-empty bins;
+      empty bins stay empty;
+    * both normalized; ``KL = sum_j p_j log(p_j / q_j)`` over ``p_j > 0``; ``inf`` when ``q_j = 0 < p_j``
+      (last kept bin empty but clipped mass present).
+
+    All candidates are evaluated with prefix sums: for each candidate the group sums come from
+    ``cumsum(hist)`` at the group boundaries, so the cost is ``O(L * num_levels)`` arithmetic in
+    blocks of ``max_block`` entries, without a Python loop over bins. Candidates known to be ``inf``
+    (empty last bin with clipped mass) are skipped when they are the majority (sparse histograms,
+    e.g. rare far outliers). Returns float64 ``[L - num_levels + 1]``.
+    """
+    h = hist.to(torch.float64).reshape(-1)
+    L, nq = h.numel(), int(num_levels)
+    if L < nq:
+        raise ValueError(f"histogram has {L} bins: the KL search needs at least num_levels={nq}")
+    dev = h.device
+    zero = h.new_zeros(1)
+    N = h.sum()
+    csum = torch.cat([zero, h.cumsum(0)])                          # csum[i] = sum(h[:i])
+    nz = torch.cat([zero, (h > 0).to(torch.float64).cumsum(0)])    # non-empty bins before i
+    both = torch.stack([csum, nz], 1)                              # gathered together
+    hl_cum = torch.cat([zero, torch.xlogy(h, h).cumsum(0)])        # sum(h log h) before i
+    logN = torch.log(N)
+
+    def block(i: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+        MZ = both.index_select(0, bounds).view(-1, nq + 1, 2).diff(dim=1)
+        M, Z = MZ[..., 0], MZ[..., 1]                                       # group sums, non-empty bins
+        MlogQ = (M * torch.log(M.clamp(min=1) / Z.clamp(min=1))).sum(1)     # sum_g M log(M / Z); M, Z integers
+        h_last = h.index_select(0, i - 1)
+        logq_last = torch.where(h_last > 0, torch.log(M[:, -1].clamp(min=1e-300) / Z[:, -1].clamp(min=1)), 0.0)
+        Ci = csum.index_select(0, i)
+        logC = torch.log(Ci.clamp(min=1e-300))
+        # bins j < i-1:  sum h_j [log h_j - log N - log Qu_j + log C_i]   (Qu = unnormalized Q)
+        body = hl_cum.index_select(0, i - 1) - (Ci - h_last) * (logN - logC) - (MlogQ - h_last * logq_last)
+        p_last = h_last + (N - Ci)
+        last = torch.where(p_last > 0, p_last * (torch.log(p_last.clamp(min=1e-300)) - logN - logq_last + logC), 0.0)
+        kl = (body + last) / N
+        kl = torch.where((h_last == 0) & (p_last > 0), torch.inf, kl)
+        return torch.where(Ci > 0, kl, torch.inf)
+
+    step = max(1, max_block // (nq + 1))
+    cand = torch.arange(nq, L + 1, device=dev, dtype=torch.int64)
+    # a candidate whose last kept bin is empty while values are clipped has KL = inf (q = 0 < p)
+    finite = ((h.index_select(0, cand - 1) > 0) | (csum.index_select(0, cand) == N)) & (csum.index_select(0, cand) > 0)
+    keep = torch.nonzero(finite)[:, 0]
+    if 2 * keep.numel() >= cand.numel():  # dense histogram: contiguous blocks, cached boundaries
+        return torch.cat([block(cand[lo - nq:hi - nq], _group_bounds(lo, hi, nq, dev))
+                          for lo in range(nq, L + 1, step) for hi in [min(L + 1, lo + step)]])
+    out = torch.full((cand.numel(),), torch.inf, dtype=torch.float64, device=dev)  # sparse: finite ones only
+    g = torch.arange(nq + 1, device=dev, dtype=torch.int64)
+    for start in range(0, keep.numel(), step):
+        i = cand.index_select(0, keep[start:start + step])
+        out.index_copy_(0, keep[start:start + step], block(i, ((g[None, :] * i[:, None] + (nq - 1)) // nq).reshape(-1)))
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _group_bounds(lo: int, hi: int, nq: int, device: torch.device) -> torch.Tensor:
+    """Flattened ``[hi - lo, nq + 1]`` group boundaries ``ceil(g * i / nq)`` for candidates ``i`` in
+    ``[lo, hi)`` (data independent: cached across searches)."""
+    g = torch.arange(nq + 1, device=device, dtype=torch.int64)
+    i = torch.arange(lo, hi, device=device, dtype=torch.int64)
+    return ((g[None, :] * i[:, None] + (nq - 1)) // nq).reshape(-1)
+
+
+def kl_threshold_bins(hist: torch.Tensor, num_levels: int) -> int:
+    """Number of bins ``i`` to keep (clip at ``i * width``) that minimizes :func:`kl_divergences`.
+
+    Ties go to the largest ``i`` (the widest range). A histogram with no mass returns 0.
+    """
+    hist = hist.reshape(-1)
+    if float(hist.sum()) == 0:
+        return 0
+    if hist.numel() < num_levels:  # only possible for values near the float32 underflow limit
+        hist = torch.cat([hist, hist.new_zeros(num_levels - hist.numel())])
+    kl = kl_divergences(hist, num_levels)
+    best = torch.nonzero(kl == kl.min())[-1, 0]
+    return int(best) + int(num_levels)
+
+
+# --------------------------------------------------------------------------------------------
+# Histogram-based squared-error table (mse observer's candidate scoring)
+# --------------------------------------------------------------------------------------------
+def _sawtooth_integral(z: np.ndarray, m: int) -> np.ndarray:
+    """``int_0^z e(y) dy`` in units of the step, where ``e(y) = (y - clamp(round(y), 0, m))**2``, ``z >= 0``.
+
+    Up to ``m + 1/2`` the error is the rounding sawtooth (each full step contributes 1/12); beyond
+    it the value is clipped to ``m`` and the error grows as ``(y - m)**2``. float64 numpy.
+    """
+    zc = np.minimum(z, m + 0.5)
+    n = np.round(zc)
+    r = zc - n
+    saw = n / 12 + (r ** 3 + 0.125) / 3 - 1 / 24
+    tail = (np.maximum(z - m, 0.5) ** 3 - 0.125) / 3
+    return saw + tail
+
+
+@functools.lru_cache(maxsize=64)
+def _error_table_cpu(bits: int, bins_per_side: int, shrinks: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    # numpy: a one-off table, computed without intra-op threading
+    qmin, qmax = qrange(bits)
+    half_range = (qmax - qmin) / 2
+    B = bins_per_side
+    u = np.arange(B + 1, dtype=np.float64) / B                             # bin edges of |x| / amax
+    step = np.asarray(shrinks, dtype=np.float64) / half_range              # scale / amax per candidate
+    z = u[:, None] / step[None, :]                                         # [B+1, K] edges in steps
+    tables = []
+    for m in (qmax, -qmin):
+        F = _sawtooth_integral(z, m)
+        tables.append((F[1:] - F[:-1]) / (z[1:] - z[:-1]) * step[None, :] ** 2)  # mean error per value
+    return torch.from_numpy(np.concatenate(tables))
+
+
+def squared_error_lower_bound(counts: torch.Tensor, amax: torch.Tensor, scale: torch.Tensor, bits: int,
+                              margin: float = 1e-3) -> torch.Tensor:
+    """A guaranteed lower bound of ``sum((x - quantize_dequantize(x, scale))**2)`` from a
+    :func:`signed_histogram` of ``x`` (no pass over the data).
+
+    Each bin contributes its count times the smallest error any value inside it can have (zero if
+    the bin holds a grid point, else the smaller error of its two ends; beyond the clipping level
+    the error grows, so its left end). Bins are widened by ``margin`` of their width on each side,
+    which covers the float32 rounding of the bin index. Args: ``counts`` int64 ``[C, 2B]``,
+    ``amax``/``scale`` ``[C]``. Returns float64 ``[C]`` (0 where ``bins / amax`` overflows).
+    """
+    qmin, qmax = qrange(bits)
+    C, twoB = counts.shape
+    B = twoB // 2
+    a = amax.double().reshape(C, 1)
+    s = scale.double().reshape(C, 1)
+    w = a / B
+    j = torch.arange(B + 1, dtype=torch.float64, device=counts.device)              # |x| edges, units of w
+
+    def min_err(lo: torch.Tensor, hi: torch.Tensor, m: int) -> torch.Tensor:      # ends in steps, lo <= hi
+        err = lambda z: (z - torch.clamp(torch.round(z), 0, m)) ** 2                # noqa: E731
+        n = torch.ceil(lo)
+        has_point = (n <= torch.floor(hi)) & (n <= m)
+        return torch.where(has_point, 0.0, torch.minimum(err(lo), err(hi)))
+
+    lo = ((j[:-1] - margin) * w).clamp(min=0) / s                                   # [C, B] bins of |x|
+    hi = ((j[1:] + margin) * w) / s
+    pos = min_err(lo, hi, qmax)                  # positive bins: B + b holds b*w <= x < (b+1)*w
+    neg = min_err(lo, hi, -qmin).flip(1)         # negative bins: b holds values of |x| in bin B-1-b
+    lb = (counts.double() * torch.cat([neg, pos], 1)).sum(1) * s[:, 0] ** 2
+    return torch.where(torch.isfinite(B / amax.float()), lb, 0.0)
+
+
+def squared_error_table(bits: int, bins_per_side: int, shrinks: tuple[float, ...], device=None,
+                        dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Mean squared quantization error per value in each bin of ``|x|``, for every candidate clip.
+
+    For candidate clip ``amax * shrinks[k]`` (scale ``amax * shrinks[k] / ((qmax - qmin) / 2)``) and a
+    value spread uniformly in a bin, the mean of ``(x - quantize_dequantize(x))**2`` in units of
+    ``amax**2``, in closed form (integral of the rounding sawtooth plus the clipping parabola).
+    Returns ``dtype`` ``[2 * bins_per_side, K]``: rows ``b < B`` are positive values
+    ``b*w <= x < (b+1)*w`` (clipped at ``qmax``), rows ``B + b`` the negative values with
+    ``b*w < |x| <= (b+1)*w`` (clipped at ``qmin``), ``w = amax / B``. Cached per arguments.
+    """
+    return _error_table(int(bits), int(bins_per_side), tuple(float(s) for s in shrinks), dtype,
+                        torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+def _error_table(bits, bins_per_side, shrinks, dtype, device) -> torch.Tensor:
+    return _error_table_cpu(bits, bins_per_side, shrinks).to(device=device, dtype=dtype)
