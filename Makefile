@@ -28,8 +28,9 @@ tutorial: data
 test: data
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# JupyterLab with the project's kernel; as root (containers, CI machines) jupyter needs --allow-root
 lab: data
-	$(VENV)/bin/jupyter lab notebooks
+	$(VENV)/bin/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 clean:
 	rm -rf outputs .pytest_cache .hypothesis

@@ -20,3 +20,8 @@ def cifar():
         return load_cifar10(download=False, progress=False)
     except DataNotFoundError as e:
         pytest.skip(f"CIFAR-10 not available: {e}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run browser tests last (stable sort), so they reuse the smoke checkpoint the notebook tests made."""
+    items.sort(key=lambda item: item.get_closest_marker("browser") is not None)

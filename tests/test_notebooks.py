@@ -71,8 +71,10 @@ def check_04(m, out):
         for col in ("rank_speed", "rank_accuracy", "rank_ease"):
             assert 1 <= row[col] <= len(METHODS)
         assert row["speed_seconds"] > 0 and 0.0 <= row["accuracy"] <= 1.0
-    accs = [step["accuracy"] for step in m["tuning_path"]]
+    accs = [step["accuracy"] for step in m["tuning_path"] if step["accepted"]]
     assert accs and all(b >= a for a, b in zip(accs, accs[1:])), "the accepted tuning path never loses accuracy"
+    assert set(m["spearman"]) == {"speed", "accuracy", "ease"}
+    assert list(out.glob("*.csv")), "notebook 04 saves its tables as CSV"
 
 
 def check_05(m, out):
