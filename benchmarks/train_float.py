@@ -1,0 +1,123 @@
+"""Train the float CIFAR-10 model for a profile and compare accuracy and time with the profile's targets.
+
+    python benchmarks/train_float.py --profile full  --seed 0 --out /work/cache/checkpoints/cifar_resnet_full.pt
+    python benchmarks/train_float.py --profile smoke --seed 0 --out /tmp/smoke.pt
+
+Targets: full >= 91 % test accuracy in <= 40 min of training on 2 CPU cores; smoke > 50 % in <= 2 min.
+Also measures, in the same run, the training-step time of float32 against bfloat16 autocast (the peer the
+recipe's speed relies on) and prints their ratio. Writes the checkpoint to --out and a metrics JSON beside
+it (same name, .json). Times on a shared machine are inflated by other processes: the load average at start
+and end is printed so the numbers can be read in context.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from calibkit.checkpoint import save_checkpoint
+from calibkit.data import load_cifar10, normalize
+from calibkit.models import cifar_resnet
+from calibkit.train import (PROFILES, accuracy, bf16_supported, confusion_matrix, per_class_accuracy, predict,
+                            profile_dataset, train_profile)
+
+TARGETS = {"full": (0.91, 40 * 60), "smoke": (0.50, 2 * 60)}
+
+
+def step_seconds(width, batch_size, amp, steps=3):
+    """Median seconds of one SGD step (forward, backward, update) on random data, channels-last."""
+    torch.manual_seed(0)
+    model = cifar_resnet(width).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    x = normalize(torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8)).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch_size,))
+    times = []
+    for _ in range(steps + 1):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
+    ap.add_argument("--data-dir", default=None, help="default: $CALIBKIT_DATA_DIR or ~/.cache/calibkit/data")
+    ap.add_argument("--out", required=True, help="checkpoint path to write")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's choice, one per core); on a machine shared with "
+                         "other busy processes 1 thread can be several times faster than 2")
+    ap.add_argument("--no-peers", action="store_true", help="skip the float32 vs bfloat16 step-time comparison")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    out = pathlib.Path(args.out)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu count {os.cpu_count()}, "
+          f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
+
+    t = time.perf_counter()
+    ds = load_cifar10(args.data_dir, progress=not args.no_progress)
+    print(f"data: {ds} loaded in {time.perf_counter() - t:.1f} s", flush=True)
+    cfg = PROFILES[args.profile]
+
+    if not args.no_peers:
+        fp32 = step_seconds(cfg["width"], cfg["batch_size"], amp=False)
+        if bf16_supported("cpu"):
+            bf16 = step_seconds(cfg["width"], cfg["batch_size"], amp=True)
+            print(f"step time at batch {cfg['batch_size']}: float32 {fp32:.3f} s, bf16 autocast {bf16:.3f} s, "
+                  f"speed-up {fp32 / bf16:.2f}x", flush=True)
+        else:
+            print(f"step time at batch {cfg['batch_size']}: float32 {fp32:.3f} s (no fast bf16 on this CPU)", flush=True)
+
+    model, hist = train_profile(ds, args.profile, seed=args.seed, epochs=args.epochs, progress=not args.no_progress)
+    sub = profile_dataset(ds, args.profile, args.seed)
+    t = time.perf_counter()
+    logits = predict(model, sub.test_images)
+    preds = logits.argmax(1)
+    cm = confusion_matrix(preds, sub.test_labels, len(ds.classes))
+    acc = (preds == sub.test_labels).float().mean().item()
+    acc_tta = accuracy(model, sub.test_images, sub.test_labels, tta=True)
+    eval_s = time.perf_counter() - t
+    train_s, total_eval_s = hist["train_seconds"], sum(hist["eval_seconds"])
+
+    metrics = {"profile": args.profile, "seed": args.seed, "test_accuracy": acc, "test_accuracy_tta": acc_tta,
+               "train_seconds": train_s, "eval_seconds_during_training": total_eval_s, "epochs": hist["epochs"],
+               "num_train": hist["num_train"], "num_test": hist["num_test"], "data_source": sub.source,
+               "checkpoint": str(out), "per_class_accuracy": dict(zip(ds.classes, per_class_accuracy(cm).tolist())),
+               "history": {k: hist[k] for k in ("epoch", "train_loss", "train_accuracy", "test_accuracy", "epoch_seconds")},
+               "hyperparameters": {k: hist[k] for k in ("batch_size", "lr", "momentum", "weight_decay", "label_smoothing",
+                                                        "warmup_epochs", "translate", "head_lr_scale", "whiten", "amp")},
+               "arch": hist["arch"], "arch_kwargs": hist["arch_kwargs"], "load_average_end": os.getloadavg()[0]}
+    save_checkpoint(out, model, {k: v for k, v in metrics.items() if k != "checkpoint"} | {"classes": ds.classes})
+    out.with_suffix(".json").write_text(json.dumps(metrics, indent=2))
+
+    target_acc, target_s = TARGETS[args.profile]
+    print(f"\nprofile {args.profile}, seed {args.seed}, {hist['epochs']} epochs, {hist['num_train']} train / "
+          f"{hist['num_test']} test images, data {sub.source}")
+    print(f"test accuracy      {100 * acc:6.2f} %  (target {'>=' if args.profile == 'full' else '>'} {100 * target_acc:.0f} %, "
+          f"ratio {acc / target_acc:.3f})")
+    print(f"  with flip TTA    {100 * acc_tta:6.2f} %")
+    print(f"training time      {train_s:7.1f} s  (target <= {target_s} s, ratio {train_s / target_s:.3f}); "
+          f"+ {total_eval_s:.1f} s test evaluation during training, {eval_s:.1f} s final evaluation")
+    print(f"load average at end {os.getloadavg()[0]:.1f} (2 cores: > 2 means other processes shared them)")
+    print(f"checkpoint: {out}\nmetrics:    {out.with_suffix('.json')}")
+    met = (acc >= target_acc if args.profile == "full" else acc > target_acc) and train_s <= target_s
+    print("targets met" if met else "targets NOT met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Float training and evaluation of the CIFAR-10 model.
+
+Recipe (airbench-style, all in-memory): Nesterov SGD, label smoothing, a linear warm-up then a
+linear decay of the learning rate to zero, weight decay on conv/linear weights only, and batched
+augmentation on the uint8 image tensor (random horizontal flip and a random translation of up to
+``translate`` pixels with reflect padding). Channels-last activations on every device, and bfloat16
+autocast for forward/backward where the device has fast bf16 (``bf16_supported``).
+Everything random draws from one ``torch.Generator`` seeded by ``seed``, so on a given device and
+thread count the same seed gives the same weights.
+
+Images passed to ``train``, ``accuracy`` and ``predict`` are uint8 ``[N, 3, H, W]`` (0..255);
+they are normalized with ``calibkit.data.normalize`` on the fly, batch by batch.
+"""
+
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .data import normalize
+from .models import cifar_resnet, whiten_stem_
+
+__all__ = ["PROFILES", "augment", "train", "train_profile", "predict", "accuracy", "confusion_matrix",
+           "per_class_accuracy", "lr_multiplier", "bf16_supported",
+           "profile_dataset"]
+
+# "full": chosen from short sweeps of lr (0.2-3.2), batch (128-1024), weight decay, epochs (8-30) and widths on the
+# JPEG mirror (lr 0.4-0.8 at batch 512 was best; 1.6+ hurt or diverged; each doubling of epochs gave ~+1 point),
+# sized to fit the CPU time budget; "smoke": a narrow net on a 20k/2k subset for 2 epochs, well above 50 %.
+# Measured accuracy and time: benchmarks/train_float.py.
+PROFILES = {
+    "full": dict(width=(64, 128, 128), epochs=12, batch_size=512, lr=0.6, momentum=0.9, weight_decay=5e-4,
+                 label_smoothing=0.2, warmup_epochs=2.0, translate=2, head_lr_scale=1.0, whiten=False, eval_every=4,
+                 num_train=None, num_test=None),
+    "smoke": dict(width=(16, 32, 32), epochs=2, batch_size=128, lr=0.4, momentum=0.9, weight_decay=5e-4,
+                  label_smoothing=0.2, warmup_epochs=0.5, translate=2, head_lr_scale=1.0, whiten=False, eval_every=1,
+                  num_train=20000, num_test=2000),
+}
+_TRAIN_KEYS = ("batch_size", "lr", "momentum", "weight_decay", "label_smoothing", "warmup_epochs", "translate",
+               "head_lr_scale", "whiten", "eval_every")
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+def _reflect(idx: torch.Tensor, size: int) -> torch.Tensor:
+    """Reflect out-of-range indices back into ``[0, size)`` (edge pixel not repeated, like ``F.pad(mode="reflect")``)."""
+    idx = idx.abs()
+    return torch.where(idx > size - 1, 2 * (size - 1) - idx, idx)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, flip: bool = True, translate: int = 2) -> torch.Tensor:
+    """Random flip + translate a batch; returns a new tensor of the same shape, dtype and device.
+
+    Args:
+        images: ``[N, C, H, W]`` tensor (any dtype; uint8 in training).
+        generator: CPU ``torch.Generator`` all random draws come from.
+        flip: mirror each image left-right with probability 0.5.
+        translate: shift each image by an integer offset drawn uniformly from ``[-translate, translate]``
+            pixels, independently in x and y; pixels shifted in come from reflect padding
+            (``out[y, x] = in[reflect(y + dy), reflect(x + dx)]``). 0 disables it.
+    The flip is applied after the shift. Labels are unaffected.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images has shape {tuple(images.shape)}: expected [N, C, H, W]")
+    n, c, h, w = images.shape
+    if not 0 <= int(translate) < min(h, w):
+        raise ValueError(f"translate={translate} is out of range: use an integer in [0, {min(h, w) - 1}]")
+    rows = torch.arange(h).expand(n, h)
+    cols = torch.arange(w).expand(n, w)
+    if translate:
+        rows = _reflect(rows + torch.randint(-translate, translate + 1, (n, 1), generator=generator), h)
+        cols = _reflect(cols + torch.randint(-translate, translate + 1, (n, 1), generator=generator), w)
+    if flip:
+        mirrored = torch.rand(n, generator=generator) < 0.5
+        cols = torch.where(mirrored[:, None], cols.flip(1), cols)
+    dev = images.device
+    return images[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                  rows.to(dev)[:, None, :, None], cols.to(dev)[:, None, None, :]]
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Learning-rate factor at optimizer step ``step`` (0-based): rises linearly to 1 over ``warmup_steps``
+    steps, then falls linearly to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def _memory_format(model) -> torch.memory_format:
+    for p in model.parameters():
+        if p.ndim == 4:
+            return torch.channels_last if p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() \
+                else torch.contiguous_format
+    return torch.contiguous_format
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def bf16_supported(device) -> bool:
+    """True when ``device`` runs bfloat16 convolutions fast: CUDA with bf16, or a CPU where oneDNN has bf16 kernels
+    (AVX-512 / AMX; the probe is a private torch op, so a torch build without it reports False)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # probe missing in this torch build: assume no fast bf16
+            return False
+    return False
+
+
+@torch.no_grad()
+def predict(model, images: torch.Tensor, batch_size: int = 1000, tta: bool = False, progress: bool = False) -> torch.Tensor:
+    """Logits ``[N, num_classes]`` (float32, on the model's device) for uint8 ``images [N, 3, H, W]``.
+
+    Runs in eval mode (the previous mode is restored). ``tta=True`` averages the logits of each image and
+    its mirror image (test-time flip augmentation)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is out of range: use a value >= 1")
+    if images.ndim != 4 or len(images) == 0:
+        raise ValueError(f"images has shape {tuple(images.shape)}: expected a non-empty uint8 [N, 3, H, W] batch")
+    was_training, dev, fmt = model.training, _device(model), _memory_format(model)
+    model.eval()
+    out = []
+    try:
+        for i in tqdm(range(0, len(images), batch_size), desc="predict", disable=not progress, leave=False):
+            x = normalize(images[i:i + batch_size].to(dev)).contiguous(memory_format=fmt)
+            logits = model(x)
+            if tta:
+                logits = 0.5 * (logits + model(x.flip(3)))
+            out.append(logits.float())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def accuracy(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000, tta: bool = False,
+             progress: bool = False) -> float:
+    """Top-1 accuracy in [0, 1] of ``model`` on uint8 ``images [N, 3, H, W]`` with int64 ``labels [N]``
+    (normalization done here; see ``predict`` for ``tta``)."""
+    if len(images) != len(labels) or len(images) == 0:
+        raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) must be non-empty and of equal length")
+    preds = predict(model, images, batch_size, tta, progress).argmax(1)
+    return (preds.cpu() == labels.cpu()).float().mean().item()
+
+
+def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int = 10) -> torch.Tensor:
+    """int64 ``[num_classes, num_classes]`` counts: row = true class, column = predicted class."""
+    preds, labels = preds.cpu().long(), labels.cpu().long()
+    if preds.shape != labels.shape:
+        raise ValueError(f"preds {tuple(preds.shape)} and labels {tuple(labels.shape)} must have the same shape")
+    for name, t in (("preds", preds), ("labels", labels)):
+        if t.numel() and (t.min() < 0 or t.max() >= num_classes):
+            raise ValueError(f"{name} holds values outside [0, {num_classes - 1}] (num_classes={num_classes})")
+    return torch.bincount(labels * num_classes + preds, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(confusion: torch.Tensor) -> torch.Tensor:
+    """float ``[C]`` recall per true class (diagonal / row sum) from a confusion matrix; NaN for a class with no samples."""
+    confusion = confusion.double()
+    return (confusion.diagonal() / confusion.sum(1)).float()
+
+
+def train(model, ds, epochs: int, batch_size: int = 512, lr: float = 0.4, seed: int = 0, *, momentum: float = 0.9,
+          weight_decay: float = 5e-4, label_smoothing: float = 0.2, warmup_epochs: float = 2.0, flip: bool = True,
+          translate: int = 2, head_lr_scale: float = 1.0, whiten: bool = False, amp: bool | None = None, eval_every: int = 1, tta: bool = False,
+          eval_batch_size: int = 1000, progress: bool = True) -> dict:
+    """Train ``model`` in place on ``ds.train_images`` / ``ds.train_labels`` (uint8 ``[N,3,H,W]``, int64 ``[N]``).
+
+    Args:
+        epochs: passes over the training set (>= 1); the last incomplete batch of each pass is dropped.
+        batch_size: images per optimizer step, in [1, N].
+        lr: peak learning rate (mean loss over the batch), > 0; ``warmup_epochs`` (>= 0) of linear warm-up,
+            then a linear decay to 0 at the end.
+        seed: seeds the data order and augmentation (seed the model's init yourself with ``torch.manual_seed``).
+        momentum: Nesterov momentum in [0, 1). weight_decay: L2 on conv/linear weights (not BN, not biases), >= 0.
+        label_smoothing: in [0, 1). flip / translate: augmentation, see ``augment``.
+        eval_every: test accuracy (``ds.test_images``) every this many epochs and after the last; 0 = only after the last.
+        head_lr_scale: learning-rate factor for the final ``nn.Linear`` (the only layer not followed by BN,
+            so not scale-invariant; a factor < 1 tames its updates at the high lr the conv layers like), > 0.
+        whiten: initialize the model's ``stem.conv`` with ``whiten_stem_`` from 5,000 training images (drawn
+            with ``seed``) and keep it frozen; the model needs a ``stem.conv`` attribute.
+        amp: run forward/backward under bfloat16 autocast (weights, optimizer and evaluation stay float32);
+            None = on when ``bf16_supported(device)`` (about 3x faster on AMX CPUs).
+        tta: evaluate with test-time flip augmentation.
+    Returns a history dict: per-epoch lists ``epoch``, ``train_loss``, ``train_accuracy`` (on augmented batches),
+    ``test_accuracy`` (None where not evaluated), ``epoch_seconds`` (training only), ``eval_seconds``;
+    and ``train_seconds`` (sum of epoch_seconds), ``test_accuracy_final``, ``steps`` and the hyperparameters.
+    The model is left in eval mode, on its device, in channels-last memory format.
+    """
+    n = len(ds.train_images)
+    if int(epochs) != epochs or epochs < 1:
+        raise ValueError(f"epochs={epochs} is out of range: use an integer >= 1")
+    if int(batch_size) != batch_size or not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size={batch_size} is out of range: use an integer in [1, {n}] (the training set size)")
+    if not lr > 0:
+        raise ValueError(f"lr={lr} is out of range: use a value > 0")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum={momentum} is out of range: use a value in [0, 1)")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay={weight_decay} is out of range: use a value >= 0")
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing={label_smoothing} is out of range: use a value in [0, 1)")
+    if not warmup_epochs >= 0:
+        raise ValueError(f"warmup_epochs={warmup_epochs} is out of range: use a value >= 0")
+    if int(eval_every) != eval_every or eval_every < 0:
+        raise ValueError(f"eval_every={eval_every} is out of range: use an integer >= 0")
+
+    if not head_lr_scale > 0:
+        raise ValueError(f"head_lr_scale={head_lr_scale} is out of range: use a value > 0")
+
+    dev = _device(model)
+    amp = bf16_supported(dev) if amp is None else bool(amp)
+    gen = _generator(seed)
+    images, labels = ds.train_images, ds.train_labels
+    frozen = set()
+    if whiten:
+        stem = getattr(getattr(model, "stem", None), "conv", None)
+        if not isinstance(stem, torch.nn.Conv2d):
+            raise ValueError("whiten=True needs a model with a `stem.conv` nn.Conv2d (like calibkit.models.cifar_resnet)")
+        pick = torch.randperm(n, generator=gen)[:5000]
+        whiten_stem_(stem, normalize(images[pick].to(dev)))
+        frozen.add(stem.weight)
+    model.to(memory_format=torch.channels_last).train()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    head = set(linears[-1].parameters()) if linears else set()
+    groups = [{"params": [], "weight_decay": weight_decay, "lr": lr}, {"params": [], "weight_decay": 0.0, "lr": lr},
+              {"params": [], "weight_decay": weight_decay, "lr": lr * head_lr_scale},
+              {"params": [], "weight_decay": 0.0, "lr": lr * head_lr_scale}]
+    for p in model.parameters():
+        if p.requires_grad and p not in frozen:
+            groups[(2 if p in head else 0) + (p.ndim <= 1)]["params"].append(p)
+    opt = torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=momentum, nesterov=momentum > 0)
+    steps_per_epoch = n // batch_size
+    total = epochs * steps_per_epoch
+    warmup = round(warmup_epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, total, warmup))
+
+    hist = {k: [] for k in ("epoch", "train_loss", "train_accuracy", "test_accuracy", "epoch_seconds", "eval_seconds")}
+    bar = tqdm(total=total, desc="train", disable=not progress)
+    for epoch in range(1, epochs + 1):
+        t0 = time.perf_counter()
+        order = torch.randperm(n, generator=gen)[: steps_per_epoch * batch_size].view(steps_per_epoch, batch_size)
+        loss_sum = torch.zeros((), device=dev)
+        correct = torch.zeros((), device=dev, dtype=torch.int64)
+        for idx in order:
+            xb = augment(images[idx].to(dev), gen, flip=flip, translate=translate)
+            yb = labels[idx].to(dev)
+            x = normalize(xb).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach()
+            correct += (logits.detach().argmax(1) == yb).sum()
+            bar.update(1)
+            if progress and bar.n % 10 == 0:
+                bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
+        seen = steps_per_epoch * batch_size
+        hist["epoch"].append(epoch)
+        hist["train_loss"].append(loss_sum.item() / steps_per_epoch)
+        hist["train_accuracy"].append(correct.item() / seen)
+        hist["epoch_seconds"].append(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        test_acc = None
+        if epoch == epochs or (eval_every and epoch % eval_every == 0):
+            test_acc = accuracy(model, ds.test_images, ds.test_labels, eval_batch_size, tta=tta)
+            model.train()
+        hist["test_accuracy"].append(test_acc)
+        hist["eval_seconds"].append(time.perf_counter() - t1)
+        bar.set_postfix(epoch=epoch, loss=f"{hist['train_loss'][-1]:.3f}", train_acc=f"{hist['train_accuracy'][-1]:.3f}",
+                        test_acc="-" if test_acc is None else f"{test_acc:.4f}")
+    bar.close()
+    model.eval()
+    hist.update(train_seconds=sum(hist["epoch_seconds"]), test_accuracy_final=hist["test_accuracy"][-1], steps=total,
+                epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, momentum=momentum, weight_decay=weight_decay,
+                label_smoothing=label_smoothing, warmup_epochs=warmup_epochs, flip=flip, translate=translate,
+                head_lr_scale=head_lr_scale, whiten=whiten, amp=amp, tta=tta,
+                num_train=n, num_test=len(ds.test_images))
+    return hist
+
+
+def _profile(profile: str) -> dict:
+    if profile not in PROFILES:
+        raise ValueError(f"profile={profile!r} is unknown: use one of {sorted(PROFILES)}")
+    return PROFILES[profile]
+
+
+def profile_dataset(ds, profile: str = "full", seed: int = 0, **overrides):
+    """The data a profile trains and evaluates on: ``ds`` itself, or ``ds.subset(train=num_train, test=num_test,
+    seed=seed)`` when the profile (or ``overrides``) sets ``num_train`` / ``num_test``."""
+    cfg = {**_profile(profile), **overrides}
+    if cfg["num_train"] is None and cfg["num_test"] is None:
+        return ds
+    return ds.subset(train=cfg["num_train"], test=cfg["num_test"], seed=seed)
+
+
+def train_profile(ds, profile: str = "full", seed: int = 0, epochs: int | None = None, progress: bool = True,
+                  device=None, **overrides):
+    """Build ``cifar_resnet`` for ``profile`` (a key of ``PROFILES``), seeded by ``seed``, and train it.
+
+    The profile's ``num_train`` / ``num_test`` subset ``ds`` first (``ds.subset(..., seed=seed)``); ``epochs``
+    (None = profile default) and ``overrides`` (any ``train`` keyword) replace profile values.
+    ``device``: where to train (default: CPU). Returns ``(model, history)``; ``history`` also holds
+    ``profile``, ``arch``, ``arch_kwargs``, ``data_source`` and ``classes``.
+    """
+    cfg = {**_profile(profile), **({} if epochs is None else {"epochs": epochs}), **overrides}
+    ds = profile_dataset(ds, profile, seed, num_train=cfg["num_train"], num_test=cfg["num_test"])
+    arch_kwargs = {"width": list(cfg["width"]), "blocks": list(cfg.get("blocks", (1, 1, 1))), "num_classes": len(ds.classes)}
+    torch.manual_seed(seed)
+    model = cifar_resnet(**arch_kwargs).to(device or "cpu")
+    train_kw = {k: cfg[k] for k in _TRAIN_KEYS}
+    train_kw.update({k: v for k, v in overrides.items() if k not in PROFILES[profile] and k != "blocks"})
+    history = train(model, ds, cfg["epochs"], seed=seed, progress=progress, **train_kw)
+    history.update(profile=profile, arch="cifar_resnet", arch_kwargs=model.config, data_source=ds.source,
+                   classes=list(ds.classes))
+    return model, history

@@ -1,0 +1,186 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from calibkit.data import ImageTensors, normalize
+from calibkit.models import cifar_resnet
+from calibkit.train import (PROFILES, accuracy, augment, confusion_matrix, lr_multiplier, per_class_accuracy, predict,
+                            train, train_profile)
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: one intra-op thread is faster, and far faster on a machine shared with other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _toy_data(n_train=256, n_test=128, seed=0, size=16):
+    """Learnable synthetic 4-class data: class = which quadrant holds a bright blob, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+
+    def split(n):
+        labels = torch.arange(n) % 4
+        x = torch.randint(0, 90, (n, 3, size, size), generator=g).float()
+        h = size // 2
+        for c in range(4):
+            r, q = divmod(c, 2)
+            x[labels == c, :, r * h:(r + 1) * h, q * h:(q + 1) * h] += 140
+        return x.clamp(0, 255).to(torch.uint8), labels
+
+    (xtr, ytr), (xte, yte) = split(n_train), split(n_test)
+    return ImageTensors(xtr, ytr, xte, yte, ["tl", "tr", "bl", "br"], "toy")
+
+
+TINY = dict(batch_size=64, lr=0.2, warmup_epochs=0.5, eval_every=0, progress=False, amp=False)
+
+
+def test_augment_identity_and_shapes():
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(augment(x, g, flip=False, translate=0), x)
+    y = augment(x, g)
+    assert y.shape == x.shape and y.dtype == torch.uint8
+
+
+def test_augment_flip_only_mirrors_each_image():
+    x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    y = augment(x, torch.Generator().manual_seed(1), flip=True, translate=0)
+    same = [torch.equal(y[i], x[i]) for i in range(64)]
+    mirrored = [torch.equal(y[i], x[i].flip(-1)) for i in range(64)]
+    assert all(s or m for s, m in zip(same, mirrored))
+    assert 16 < sum(mirrored) < 48, "flip probability should be about 0.5"
+
+
+def test_augment_translate_is_reflect_padded_shift():
+    x = torch.randint(0, 256, (40, 3, 12, 12), dtype=torch.uint8)
+    y = augment(x, torch.Generator().manual_seed(2), flip=False, translate=2)
+    padded = F.pad(x.float(), (2, 2, 2, 2), mode="reflect")
+    shifts = set()
+    for i in range(len(x)):
+        hits = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                if torch.equal(padded[i, :, 2 + dy:14 + dy, 2 + dx:14 + dx], y[i].float())]
+        assert len(hits) == 1, f"image {i} is not a reflect-padded shift of its input"
+        shifts.add(hits[0])
+    assert len(shifts) > 10, "shifts should vary across the batch"
+
+
+def test_augment_keeps_images_with_their_labels():
+    labels = torch.arange(50) % 10
+    x = (labels * 20).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 16, 16).contiguous()
+    y = augment(x, torch.Generator().manual_seed(3))
+    assert torch.equal(y.flatten(1).float().mean(1), labels.float() * 20)
+
+
+def test_augment_rejects_bad_translate():
+    with pytest.raises(ValueError, match="translate"):
+        augment(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.Generator(), translate=4)
+
+
+def test_lr_multiplier_shape():
+    vals = [lr_multiplier(s, 10, 4) for s in range(10)]
+    assert vals[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert vals[4] == 1.0 and vals[-1] == pytest.approx(1 / 6)
+    assert all(a >= b for a, b in zip(vals[3:], vals[4:]))
+
+
+def test_confusion_and_per_class():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    preds = torch.tensor([0, 1, 1, 1, 0, 2, 2])
+    cm = confusion_matrix(preds, labels, 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 2]]
+    torch.testing.assert_close(per_class_accuracy(cm), torch.tensor([0.5, 1.0, 2 / 3]))
+    with pytest.raises(ValueError, match="labels"):
+        confusion_matrix(preds, torch.tensor([0, 0, 1, 1, 2, 2, 3]), 3)
+
+
+def test_predict_and_accuracy_match_manual():
+    ds = _toy_data(n_test=50)
+    torch.manual_seed(0)
+    model = cifar_resnet((8, 8, 8), num_classes=4, stem_width=8).eval()
+    with torch.no_grad():
+        ref = model(normalize(ds.test_images))
+        ref_tta = 0.5 * (ref + model(normalize(ds.test_images).flip(3)))
+    torch.testing.assert_close(predict(model, ds.test_images, batch_size=16), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(predict(model, ds.test_images, batch_size=64, tta=True), ref_tta, rtol=1e-5, atol=1e-5)
+    acc = accuracy(model, ds.test_images, ds.test_labels, batch_size=7)
+    assert acc == pytest.approx((ref.argmax(1) == ds.test_labels).float().mean().item())
+
+
+def _fit(seed, epochs=1, **kw):
+    ds = _toy_data()
+    torch.manual_seed(0)
+    model = cifar_resnet((8, 8, 8), num_classes=4, stem_width=8)
+    hist = train(model, ds, epochs, seed=seed, **{**TINY, **kw})
+    return model, hist
+
+
+def test_training_is_deterministic_per_seed():
+    a, ha = _fit(seed=5)
+    b, hb = _fit(seed=5)
+    c, _ = _fit(seed=6)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), f"{k} differs between two runs with the same seed"
+    assert ha["train_loss"] == hb["train_loss"]
+    assert any(not torch.equal(va, vc) for va, vc in zip(a.state_dict().values(), c.state_dict().values()))
+
+
+def test_bf16_autocast_training_is_deterministic():
+    a, _ = _fit(seed=1, amp=True)
+    b, _ = _fit(seed=1, amp=True)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_tiny_training_learns():
+    model, hist = _fit(seed=0, epochs=4, eval_every=2, whiten=True, head_lr_scale=0.5)
+    assert hist["train_loss"][-1] < 0.8 * hist["train_loss"][0], hist["train_loss"]
+    assert hist["test_accuracy"][0] is None and hist["test_accuracy"][1] is not None
+    assert hist["test_accuracy_final"] > 0.6  # chance is 0.25
+    assert len(hist["epoch_seconds"]) == 4 and hist["train_seconds"] > 0
+    assert hist["steps"] == 4 * (256 // 64) and not model.training
+
+
+def test_whiten_freezes_stem():
+    ds = _toy_data()
+    torch.manual_seed(0)
+    model = cifar_resnet((8, 8, 8), num_classes=4, stem_width=8)
+    train(model, ds, 1, seed=0, whiten=True, **TINY)
+    w = model.stem.conv.weight.detach().clone()
+    train(model, ds, 1, seed=1, whiten=False, **TINY)
+    assert not torch.equal(model.stem.conv.weight, w), "stem trains when whiten=False"
+    model2 = cifar_resnet((8, 8, 8), num_classes=4, stem_width=8)
+    train(model2, ds, 1, seed=0, whiten=True, **TINY)
+    from calibkit.models import whiten_stem_
+    ref = torch.nn.Conv2d(3, 8, 2, bias=False)
+    g = torch.Generator().manual_seed(0)
+    whiten_stem_(ref, normalize(ds.train_images[torch.randperm(256, generator=g)[:5000]]))
+    torch.testing.assert_close(model2.stem.conv.weight.contiguous(), ref.weight)
+
+
+@pytest.mark.parametrize("kw, word", [({"epochs": 0}, "epochs"), ({"batch_size": 1000}, "batch_size"),
+                                      ({"lr": 0.0}, "lr"), ({"momentum": 1.0}, "momentum"),
+                                      ({"label_smoothing": 1.0}, "label_smoothing"), ({"head_lr_scale": 0}, "head_lr_scale")])
+def test_train_rejects_bad_arguments(kw, word):
+    ds = _toy_data()
+    args = {"epochs": 1, **TINY, **kw}
+    with pytest.raises(ValueError, match=word):
+        train(cifar_resnet((8, 8, 8), num_classes=4, stem_width=8), ds, args.pop("epochs"), **args)
+
+
+def test_profiles_and_train_profile_errors():
+    assert set(PROFILES) >= {"full", "smoke"}
+    assert PROFILES["smoke"]["epochs"] <= 2 and max(PROFILES["smoke"]["width"]) < max(PROFILES["full"]["width"])
+    with pytest.raises(ValueError, match="profile"):
+        train_profile(_toy_data(), profile="huge")
+
+
+def test_train_profile_records_metadata():
+    ds = _toy_data(n_train=256, n_test=64)
+    model, hist = train_profile(ds, "smoke", seed=0, epochs=1, progress=False, num_train=128, num_test=32,
+                                batch_size=64, amp=False)
+    assert hist["num_train"] == 128 and hist["num_test"] == 32 and hist["profile"] == "smoke"
+    assert hist["arch"] == "cifar_resnet" and hist["arch_kwargs"] == model.config
+    assert hist["data_source"].startswith("toy") and hist["classes"] == ds.classes
