@@ -21,7 +21,7 @@ import torch
 from .errors import CheckpointError
 from .models import ARCHITECTURES, build_model
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "atomic_torch_save", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "calibkit-checkpoint"
 FORMAT_VERSION = 1
@@ -72,6 +72,13 @@ def save_checkpoint(path, model, meta: dict | None = None) -> pathlib.Path:
     state = {k: v.detach().to("cpu", memory_format=torch.contiguous_format).clone() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": arch, "arch_kwargs": arch_kwargs,
                "state_dict": state, "meta": meta}
+    return atomic_torch_save(payload, path)
+
+
+def atomic_torch_save(payload, path) -> pathlib.Path:
+    """``torch.save(payload)`` to ``path`` atomically: a temporary file in the same folder, fsync, then
+    ``os.replace``; a crash leaves either the old file or the new one, never a truncated file."""
+    path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{uuid.uuid4().hex[:12]}{path.suffix or '.pt'}.tmp")
     try:

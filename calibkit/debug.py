@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import evaluate, model_device
 from .errors import CalibrationError, StateError
-from .fake_quantize import FakeQuantize, FakeQuantState, _require_quantizers, named_quantizers, set_fake_quantize
+from .fake_quantize import FakeQuantize, FakeQuantState, _require_quantizers, named_quantizers, ready_scales, set_fake_quantize
 from .qconfig import QConfig, QuantSpec
 from .quant import qrange, quantize_dequantize
 
@@ -110,15 +110,7 @@ def _saved_flags(model: nn.Module):
 
 
 def _ready_scales(qs: Mapping[str, FakeQuantize]) -> None:
-    missing = []
-    for name, fq in qs.items():
-        try:
-            fq.validation_scale()
-        except CalibrationError as e:
-            missing.append(f"{name} ({e.__cause__ or e})")
-    if missing:
-        raise CalibrationError(f"{len(missing)} quantizer(s) have no scale -- calibrate the model first:\n  "
-                               + "\n  ".join(missing))
+    ready_scales(qs, "the debug tools need a calibrated model")
 
 
 def _require_eval(model: nn.Module, what: str) -> None:

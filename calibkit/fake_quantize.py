@@ -287,6 +287,20 @@ def _as_state(state) -> FakeQuantState:
     raise ValueError(f"state={state!r} is unknown: use one of {[f'FakeQuantState.{s.name}' for s in FakeQuantState]}")
 
 
+def ready_scales(qs, context: str = "quantizers are not calibrated") -> None:
+    """Compute (and cache) the scale of every quantizer in ``qs`` (name -> FakeQuantize); one
+    ``CalibrationError`` starting with ``context`` lists every quantizer that has no data."""
+    missing = []
+    for name, fq in qs.items():
+        try:
+            fq.validation_scale()
+        except CalibrationError as e:
+            missing.append(f"{name} ({e.__cause__ or e})")
+    if missing:
+        raise CalibrationError(f"{context}: {len(missing)} quantizer(s) have no scale -- "
+                               "run calibration batches (calibkit.calibrate) first:\n  " + "\n  ".join(missing))
+
+
 def set_fake_quantize(model: nn.Module, state: FakeQuantState | str) -> nn.Module:
     """Put every quantizer of ``model`` into ``state`` (table in the module docstring); returns ``model``.
 
@@ -303,15 +317,7 @@ def set_fake_quantize(model: nn.Module, state: FakeQuantState | str) -> nn.Modul
         raise StateError(f"FakeQuantState.{state.name} needs the model in {need} mode but it is in {have} mode: "
                          f"call {call} first")
     if state is FakeQuantState.VALIDATION:
-        missing = []
-        for name, fq in qs.items():
-            try:
-                fq.validation_scale()
-            except CalibrationError as e:
-                missing.append(f"{name} ({e.__cause__ or e})")
-        if missing:
-            raise CalibrationError(f"cannot enter FakeQuantState.VALIDATION: {len(missing)} quantizer(s) have no scale -- "
-                                   "run calibration batches (calibkit.calibrate) first:\n  " + "\n  ".join(missing))
+        ready_scales(qs, "cannot enter FakeQuantState.VALIDATION")
     for fq in qs.values():
         fq.enable_observer(state.observes)
         fq.enable_fake_quant(state.fake_quantizes)

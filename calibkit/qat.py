@@ -29,9 +29,7 @@ Checkpoints of prepared models (calibration or QAT state): :func:`save_prepared`
 from __future__ import annotations
 
 import math
-import os
 import time
-import uuid
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibrate import evaluate, model_device
+from .checkpoint import atomic_torch_save
 from .errors import CheckpointError
 from .fake_quantize import FakeQuantState, _require_quantizers, fix_activation_scales, set_fake_quantize
 
@@ -56,21 +55,9 @@ def save_prepared(path: str | Path, model: nn.Module, meta: dict | None = None) 
     """Save a prepared model's ``state_dict`` (weights, scales, observer statistics, flags) and ``meta``
     to ``path`` atomically (temporary file + ``os.replace``). Returns the path."""
     qs = _require_quantizers(model)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {"format": PREPARED_FORMAT, "state_dict": state, "quantizers": list(qs), "meta": dict(meta or {})}
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_torch_save(payload, path)
 
 
 def load_prepared(path: str | Path, model: nn.Module) -> dict:

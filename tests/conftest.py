@@ -4,6 +4,7 @@
 import os
 
 import pytest
+import torch
 
 
 def pytest_configure(config):
@@ -25,3 +26,14 @@ def cifar():
 def pytest_collection_modifyitems(config, items):
     """Run browser tests last (stable sort), so they reuse the smoke checkpoint the notebook tests made."""
     items.sort(key=lambda item: item.get_closest_marker("browser") is not None)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules that work on small tensors: threads only add synchronization there,
+    and stall badly on a machine shared with other jobs. Opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

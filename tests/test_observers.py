@@ -16,13 +16,7 @@ from calibkit.quant import MIN_SCALE, qrange, quantize_dequantize, scale_from_am
 PER_TENSOR = ["min_max", "percentile", "mse", "kl", "mix", "moving_average_min_max"]
 PER_CHANNEL = ["min_max", "percentile", "mse", "mix", "moving_average_per_channel_min_max"]
 ABS_BASED = ["min_max", "percentile", "kl", "moving_average_min_max"]  # depend on |x| only
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only add synchronization (and stalls on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PROPS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -9,13 +9,7 @@ from calibkit.train import (PROFILES, accuracy, augment, confusion_matrix, lr_mu
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is faster, and far faster on a machine shared with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _toy_data(n_train=256, n_test=128, seed=0, size=16):
