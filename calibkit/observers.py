@@ -412,22 +412,23 @@ class MSEObserver(_BatchClipObserver):
         B = self.SCORE_BINS
         counts = signed_histogram(x2d, amax, B)
         scale0 = scale_from_amax(amax, self.bits)                                        # k = 0
-        bound0 = squared_error_lower_bound(counts, amax, scale0, self.bits)              # <= its error
+        table, shrink = self._tables(amax.device)
+        scored = counts.clone()
         # Bin [0, w) is left out of the scores: it holds the exact zeros (ReLU), which have no error
         # for any candidate; its other values are few and tiny, their error ~constant over candidates.
-        counts[:, B] = 0
-        counts = torch.cat([counts[:, B:], counts[:, :B].flip(1)], 1)                    # |x| bins: +, -
-        score = torch.stack([self._scores(row) for row in counts])                      # [C, K]
-        best = torch.stack([torch.argsort(row, stable=True)[0] for row in score])       # ties: larger clip
+        scored[:, B] = 0
+        scored = torch.cat([scored[:, B:], scored[:, :B].flip(1)], 1)                    # |x| bins: +, -
+        score = torch.stack([self._scores(row, table) for row in scored])               # [C, K]
+        best = score.argmin(1)                            # first minimum: ties go to the larger clip
         if not bool(best.any()):  # k = 0 (the min_max clip) scored best everywhere
             return amax
-        shrink = torch.tensor(self.shrinks, dtype=torch.float32, device=amax.device)
         best_clip = amax * shrink.index_select(0, best)
         scale_best = scale_from_amax(best_clip, self.bits)
         if bool((score.gather(1, best[:, None])[:, 0] < 0.75 * score[:, 0]).all()):
             # a clear gain is expected: measure the best candidate alone; k = 0 is measured only if
-            # the histogram bound cannot prove it worse
+            # the histogram bound (guaranteed <= its error) cannot prove it worse
             err_best = squared_errors(x2d, scale_best[:, None], self.bits)[:, 0]
+            bound0 = squared_error_lower_bound(counts, amax, scale0, self.bits)
             proven = err_best * (1 + 1e-5) <= bound0 * (1 - 1e-5)
             if bool(proven.all()):
                 return best_clip
@@ -437,12 +438,22 @@ class MSEObserver(_BatchClipObserver):
             err0, err_best = both[:, 0], both[:, 1]
         return torch.where(err_best < err0, best_clip, amax)
 
-    def _scores(self, counts: torch.Tensor) -> torch.Tensor:
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 error table ``[2 * SCORE_BINS, K]`` and the candidate shrinks ``[K]`` on ``device``
+        (built once per observer and device; not state)."""
+        key = (device, self.bits, self.shrinks)
+        cached = self.__dict__.get("_table_cache")
+        if cached is None or cached[0] != key:
+            table = squared_error_table(self.bits, self.SCORE_BINS, self.shrinks, device, torch.float32)
+            cached = (key, table, torch.tensor(self.shrinks, dtype=torch.float32, device=device))
+            self.__dict__["_table_cache"] = cached
+        return cached[1], cached[2]
+
+    def _scores(self, counts: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """Estimated error of every candidate (float32 ``[K]``) for one row of ``|x|`` bin counts.
 
         float32 (the estimate itself is good to ~0.1 %; the float32 table stays in cache); one row
         at a time so that a channel scores exactly as the same data would per tensor."""
-        table = squared_error_table(self.bits, self.SCORE_BINS, self.shrinks, counts.device, torch.float32)
         used = torch.nonzero(counts)[:, 0]
         if used.numel() <= 256:  # small tensors: only the non-empty bins
             return (counts.index_select(0, used).float()[:, None] * table.index_select(0, used)).sum(0)

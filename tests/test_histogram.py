@@ -239,3 +239,15 @@ def test_abs_order_statistics_equal_full_sort_for_large_rows():
 def test_percentile_ranks():
     r = H.percentile_ranks([99.0, 99.99, 100.0, 1e-9], 10_000)
     assert r.tolist() == [9900, 9999, 10000, 1]
+
+
+@pytest.mark.parametrize("bins", [64, H.MAX_LANE_BINS // H.LANES + 1])  # with and without interleaved lanes
+def test_single_row_counts_match_reference_with_long_runs_of_equal_values(bins):
+    # ReLU-like: long runs of exact zeros (the case the lanes exist for), a chunk boundary inside the data
+    g = torch.Generator().manual_seed(7)
+    x = torch.relu(torch.randn(H.CPU_CHUNK + 1000, generator=g))
+    x[:5000] = 0.0
+    amax = float(x.max())
+    counts = H.abs_histogram(_rows(x), torch.tensor([amax]), bins)[0]
+    idx = (x * torch.tensor(bins / amax, dtype=torch.float32)).to(torch.int64).clamp(max=bins - 1)
+    assert torch.equal(counts, torch.bincount(idx, minlength=bins))
