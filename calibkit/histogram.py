@@ -72,11 +72,20 @@ def workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: tor
     return buf[:n].view(shape)
 
 
-def column_chunks(x2d: torch.Tensor):
-    """Yield column slices of ``x2d`` ``[C, N]`` holding about ``chunk_elems`` elements each."""
+def column_chunks(x2d: torch.Tensor, merge_tail: bool = False):
+    """Yield column slices of ``x2d`` ``[C, N]`` holding about ``chunk_elems`` elements each.
+
+    ``merge_tail``: a last slice shorter than half a chunk is merged into the one before it (fewer
+    small ops for tensors just above a chunk; only for sums that do not depend on chunking, like counts)."""
     cols = max(1, chunk_elems(x2d.device) // x2d.shape[0])
-    for start in range(0, x2d.shape[1], cols):
-        yield x2d[:, start:start + cols]
+    n = x2d.shape[1]
+    stops = list(range(cols, n, cols)) + [n]
+    if merge_tail and len(stops) > 1 and n - stops[-2] < cols // 2:
+        del stops[-2]
+    start = 0
+    for stop in stops:
+        yield x2d[:, start:stop]
+        start = stop
 
 
 def _binned_counts(x2d: torch.Tensor, mult: torch.Tensor, offset: float, length: int, absolute: bool,
@@ -97,13 +106,13 @@ def _binned_counts(x2d: torch.Tensor, mult: torch.Tensor, offset: float, length:
     lanes = LANES if C == 1 and LANES * length <= MAX_LANE_BINS else 1
     if C > 1:
         rows = torch.arange(C, device=x2d.device, dtype=torch.int32).mul_(length).reshape(C, 1)
-    elif lanes > 1:
-        rows = _lane_offsets(min(x2d.shape[1], chunk_elems(x2d.device)), lanes, length, x2d.device)
+    elif lanes > 1:  # the widest chunk has < 1.5 * chunk_elems columns (see column_chunks)
+        rows = _lane_offsets(min(x2d.shape[1], 3 * chunk_elems(x2d.device) // 2), lanes, length, x2d.device)
     else:
         rows = None
     counts = torch.zeros(lanes * C * length, dtype=torch.int64, device=x2d.device)
     off = None
-    for xc in column_chunks(x2d):
+    for xc in column_chunks(x2d, merge_tail=per_chunk is None):
         b = workspace("bins_f32", xc.shape, torch.float32, x2d.device)
         ib = workspace("bins_i32", xc.shape, torch.int32, x2d.device)
         if absolute:
@@ -111,7 +120,7 @@ def _binned_counts(x2d: torch.Tensor, mult: torch.Tensor, offset: float, length:
             if offset:
                 b.add_(offset)
         else:  # x * mult + offset in one op (the offset buffer has the chunk's shape: fast path)
-            if off is None:
+            if off is None or off.shape[1] < xc.shape[1]:
                 off = workspace("bins_offset", xc.shape, torch.float32, x2d.device).fill_(offset)
             torch.addcmul(off[:, :xc.shape[1]], xc, mult, out=b)
         if overflow:

@@ -251,3 +251,20 @@ def test_single_row_counts_match_reference_with_long_runs_of_equal_values(bins):
     counts = H.abs_histogram(_rows(x), torch.tensor([amax]), bins)[0]
     idx = (x * torch.tensor(bins / amax, dtype=torch.float32)).to(torch.int64).clamp(max=bins - 1)
     assert torch.equal(counts, torch.bincount(idx, minlength=bins))
+
+
+@pytest.mark.parametrize("n", [H.CPU_CHUNK + 10, H.CPU_CHUNK + H.CPU_CHUNK // 2 + 10, 3 * H.CPU_CHUNK - 7])
+def test_counts_do_not_depend_on_chunking(n):
+    # a short last chunk is merged into the one before it (not when a per_chunk hook needs the plain
+    # chunks): the counts must be the same either way
+    g = torch.Generator().manual_seed(8)
+    x = _rows(torch.randn(n, generator=g))
+    amax = x.abs().max()[None]
+    merged = H.signed_histogram(x, amax, 300)
+    seen = []
+    plain = H.signed_histogram(x, amax, 300, per_chunk=lambda xc: seen.append(xc.shape[1]))
+    assert torch.equal(merged, plain) and int(merged.sum()) == n
+    assert seen == [c.shape[1] for c in H.column_chunks(x)]
+    chunks = [c.shape[1] for c in H.column_chunks(x, merge_tail=True)]
+    assert sum(chunks) == n and all(c >= H.CPU_CHUNK for c in chunks[:-1]) and chunks[-1] >= H.CPU_CHUNK // 2
+    assert len(chunks) == len(seen) - (seen[-1] < H.CPU_CHUNK // 2)
