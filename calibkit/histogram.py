@@ -103,7 +103,8 @@ def _binned_counts(x2d: torch.Tensor, mult: torch.Tensor, offset: float, length:
     # One row: consecutive elements are counted in LANES interleaved copies of the histogram (summed at
     # the end). A bin hit by long runs of equal values (the exact zeros of a ReLU) is then not one
     # counter incremented back to back, which serializes on the memory dependency (~1.5x slower).
-    lanes = LANES if C == 1 and LANES * length <= MAX_LANE_BINS else 1
+    # (CPU only: accelerators count with atomics, and their chunks are too large for an offset buffer.)
+    lanes = LANES if C == 1 and x2d.device.type == "cpu" and LANES * length <= MAX_LANE_BINS else 1
     if C > 1:
         rows = torch.arange(C, device=x2d.device, dtype=torch.int32).mul_(length).reshape(C, 1)
     elif lanes > 1:  # the widest chunk has < 1.5 * chunk_elems columns (see column_chunks)
