@@ -21,7 +21,7 @@ import torch
 from .errors import CheckpointError
 from .models import ARCHITECTURES, build_model
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "atomic_torch_save", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "reusable_checkpoint", "atomic_torch_save", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "calibkit-checkpoint"
 FORMAT_VERSION = 1
@@ -117,6 +117,24 @@ def read_checkpoint_meta(path) -> dict:
     """The ``meta`` dict of the checkpoint at ``path`` plus ``arch`` and ``arch_kwargs`` (validated, no model built)."""
     payload = _read(path, "cpu")
     return {**payload["meta"], "arch": payload["arch"], "arch_kwargs": payload["arch_kwargs"]}
+
+
+def reusable_checkpoint(path, **want) -> tuple[dict | None, str]:
+    """Whether the checkpoint at ``path`` was made with exactly the settings ``want`` (keyword = meta key).
+
+    Returns ``(meta, reason)``: ``meta`` (as :func:`read_checkpoint_meta`) when every ``want`` key is in the
+    checkpoint's meta with an equal value, else ``None``; ``reason`` says why in one line (missing or
+    unreadable file, or the differing keys as ``found -> wanted``). Nothing is raised for a missing file.
+    """
+    try:
+        meta = read_checkpoint_meta(path)
+    except CheckpointError as e:
+        return None, f"no reusable checkpoint: {e}"
+    diff = {k: (meta.get(k, "<absent>"), v) for k, v in want.items() if meta.get(k, "<absent>") != v}
+    if diff:
+        shown = "; ".join(f"{k}: {found!r} -> {wanted!r}" for k, (found, wanted) in diff.items())
+        return None, f"checkpoint {str(path)!r} was made with other settings ({shown})"
+    return meta, f"checkpoint {str(path)!r} matches {sorted(want)}"
 
 
 def load_checkpoint(path, map_location="cpu", arch: str | None = None):

@@ -17,9 +17,11 @@ scale multiply on the logits.
 from collections import OrderedDict
 
 import torch
+import torch.fx
 from torch import nn
 
-__all__ = ["ConvBN", "Residual", "Stage", "CifarResNet", "cifar_resnet", "build_model", "fusion_groups", "whiten_stem_", "ARCHITECTURES"]
+__all__ = ["ConvBN", "Residual", "Stage", "CifarResNet", "cifar_resnet", "build_model", "fusion_groups", "op_summary", "whiten_stem_",
+           "ARCHITECTURES"]
 
 
 class ConvBN(nn.Sequential):
@@ -156,6 +158,23 @@ def build_model(arch: str, **kwargs) -> nn.Module:
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch={arch!r} is unknown: use one of {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[arch](**kwargs)
+
+
+def op_summary(model: nn.Module) -> dict[str, int]:
+    """How many times each op kind appears in ``model``'s ``torch.fx`` graph: module class names for
+    module calls (``Conv2d``, ``ReLU``, ...), function names for functions (``add``, ...). Tracing errors
+    propagate (a model calibkit's ``prepare`` cannot handle fails here too)."""
+    graph = torch.fx.symbolic_trace(model).graph
+    kinds: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            kind = type(model.get_submodule(node.target)).__name__
+        elif node.op in ("call_function", "call_method"):
+            kind = getattr(node.target, "__name__", str(node.target))
+        else:
+            continue
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
 def fusion_groups(model: nn.Module) -> list[list[str]]:

@@ -12,6 +12,7 @@ Images passed to ``train``, ``accuracy`` and ``predict`` are uint8 ``[N, 3, H, W
 they are normalized with ``calibkit.data.normalize`` on the fly, batch by batch.
 """
 
+import json
 import time
 
 import torch
@@ -23,7 +24,7 @@ from .models import cifar_resnet, whiten_stem_
 
 __all__ = ["PROFILES", "augment", "train", "train_profile", "predict", "accuracy", "confusion_matrix",
            "per_class_accuracy", "lr_multiplier", "bf16_supported",
-           "profile_dataset"]
+           "profile_dataset", "profile_config"]
 
 # "full": chosen from short sweeps of lr (0.2-3.2), batch (128-1024), weight decay, epochs (8-30) and widths on the
 # JPEG mirror (lr 0.4-0.8 at batch 512 was best; 1.6+ hurt or diverged; each doubling of epochs gave ~+1 point),
@@ -297,6 +298,14 @@ def _profile(profile: str) -> dict:
     return PROFILES[profile]
 
 
+def profile_config(profile: str = "full", epochs: int | None = None, **overrides) -> dict:
+    """The complete settings ``train_profile(ds, profile, epochs=epochs, **overrides)`` trains with, as JSON
+    types (tuples become lists): the profile's entries, then ``epochs`` (None = the profile's), then
+    ``overrides``. Stored in checkpoints so that a changed recipe is never mistaken for a reusable model."""
+    cfg = {**_profile(profile), **({} if epochs is None else {"epochs": epochs}), **overrides}
+    return json.loads(json.dumps(cfg))
+
+
 def profile_dataset(ds, profile: str = "full", seed: int = 0, **overrides):
     """The data a profile trains and evaluates on: ``ds`` itself, or ``ds.subset(train=num_train, test=num_test,
     seed=seed)`` when the profile (or ``overrides``) sets ``num_train`` / ``num_test``."""
@@ -315,7 +324,7 @@ def train_profile(ds, profile: str = "full", seed: int = 0, epochs: int | None =
     ``device``: where to train (default: CPU). Returns ``(model, history)``; ``history`` also holds
     ``profile``, ``arch``, ``arch_kwargs``, ``data_source`` and ``classes``.
     """
-    cfg = {**_profile(profile), **({} if epochs is None else {"epochs": epochs}), **overrides}
+    cfg = profile_config(profile, epochs, **overrides)
     ds = profile_dataset(ds, profile, seed, num_train=cfg["num_train"], num_test=cfg["num_test"])
     arch_kwargs = {"width": list(cfg["width"]), "blocks": list(cfg.get("blocks", (1, 1, 1))), "num_classes": len(ds.classes)}
     torch.manual_seed(seed)
@@ -324,5 +333,5 @@ def train_profile(ds, profile: str = "full", seed: int = 0, epochs: int | None =
     train_kw.update({k: v for k, v in overrides.items() if k not in PROFILES[profile] and k != "blocks"})
     history = train(model, ds, cfg["epochs"], seed=seed, progress=progress, **train_kw)
     history.update(profile=profile, arch="cifar_resnet", arch_kwargs=model.config, data_source=ds.source,
-                   classes=list(ds.classes))
+                   classes=list(ds.classes), config=cfg)
     return model, history

@@ -119,3 +119,21 @@ def test_bad_meta_and_bad_model(tmp_path):
     with pytest.raises(TypeError, match="calibkit.models"):
         save_checkpoint(tmp_path / "m.pt", torch.nn.Linear(2, 2), {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_reusable_checkpoint_matches_only_identical_settings(tmp_path):
+    from calibkit.checkpoint import reusable_checkpoint
+    from calibkit.train import profile_config
+
+    cfg = profile_config("smoke")
+    path = save_checkpoint(tmp_path / "m.pt", cifar_resnet((8, 8, 8)), {"profile": "smoke", "seed": 0, "train_config": cfg})
+    meta, why = reusable_checkpoint(path, profile="smoke", seed=0, train_config=profile_config("smoke"))
+    assert meta is not None and meta["train_config"] == cfg and "matches" in why
+    meta, why = reusable_checkpoint(path, profile="smoke", seed=0, train_config=profile_config("smoke", lr=0.1))
+    assert meta is None and "train_config" in why and "other settings" in why
+    meta, why = reusable_checkpoint(path, profile="smoke", seed=1)
+    assert meta is None and "seed: 0 -> 1" in why
+    meta, why = reusable_checkpoint(path, data_source="x")        # a key the checkpoint does not have
+    assert meta is None and "<absent>" in why
+    meta, why = reusable_checkpoint(tmp_path / "missing.pt", profile="smoke")
+    assert meta is None and "does not exist" in why

@@ -122,3 +122,12 @@ def test_whiten_stem_decorrelates_patches():
     assert torch.equal(conv.weight[24:], extra), "channels beyond 24 must keep their weights"
     with pytest.raises(ValueError, match="images"):
         whiten_stem_(conv, torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+
+
+def test_op_summary_counts_the_traced_ops():
+    from calibkit.models import op_summary
+
+    kinds = op_summary(cifar_resnet((8, 8, 8), blocks=(1, 2, 0)))
+    # stem + 3 stage convs + 3 residual convs; BN after each conv; one add per residual block
+    assert kinds["Conv2d"] == 7 and kinds["BatchNorm2d"] == 7 and kinds["add"] == 3
+    assert kinds["Linear"] == 1 and kinds["MaxPool2d"] == 3 and kinds["AdaptiveMaxPool2d"] == 1

@@ -178,3 +178,16 @@ def test_train_profile_records_metadata():
     assert hist["num_train"] == 128 and hist["num_test"] == 32 and hist["profile"] == "smoke"
     assert hist["arch"] == "cifar_resnet" and hist["arch_kwargs"] == model.config
     assert hist["data_source"].startswith("toy") and hist["classes"] == ds.classes
+
+
+def test_profile_config_is_json_and_applies_epochs_then_overrides():
+    import json
+
+    from calibkit.train import PROFILES, profile_config
+
+    cfg = profile_config("full")
+    assert cfg["width"] == list(PROFILES["full"]["width"]) and json.loads(json.dumps(cfg)) == cfg
+    assert profile_config("full", epochs=3)["epochs"] == 3
+    assert profile_config("full", epochs=3, lr=0.1)["lr"] == 0.1 and PROFILES["full"]["lr"] != 0.1
+    with pytest.raises(ValueError, match="profile='nope'"):
+        profile_config("nope")
