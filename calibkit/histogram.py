@@ -89,11 +89,12 @@ def column_chunks(x2d: torch.Tensor, merge_tail: bool = False):
 
 
 def _binned_counts(x2d: torch.Tensor, mult: torch.Tensor, offset: float, length: int, absolute: bool,
-                   per_chunk=None) -> torch.Tensor:
+                   per_chunk=None, nonnegative: bool = False) -> torch.Tensor:
     """Per-row counts of ``trunc((|x| or x) * mult + offset)`` for indices ``0..length-1``.
 
     ``mult``: float32 ``[C]``; every index must already lie in ``[0, length)``. Returns int64 ``[C, length]``.
     ``per_chunk``: optional callable run on every chunk while it is in cache (fusing another pass).
+    ``nonnegative``: the caller knows ``x >= 0`` everywhere (e.g. a ReLU output), so ``|x|`` is ``x``.
     """
     C = x2d.shape[0]
     mult = mult.to(torch.float32).reshape(C, 1)
@@ -116,7 +117,9 @@ def _binned_counts(x2d: torch.Tensor, mult: torch.Tensor, offset: float, length:
     for xc in column_chunks(x2d, merge_tail=per_chunk is None):
         b = workspace("bins_f32", xc.shape, torch.float32, x2d.device)
         ib = workspace("bins_i32", xc.shape, torch.int32, x2d.device)
-        if absolute:
+        if absolute and nonnegative:
+            torch.mul(xc, mult, out=b)
+        elif absolute:
             torch.abs(xc, out=b).mul_(mult)
             if offset:
                 b.add_(offset)
@@ -143,7 +146,7 @@ def _row_mult(amax: torch.Tensor, bins: int) -> torch.Tensor:
     return torch.where(amax > 0, bins / amax, torch.zeros_like(amax))
 
 
-def abs_histogram(x2d: torch.Tensor, amax: torch.Tensor, bins: int) -> torch.Tensor:
+def abs_histogram(x2d: torch.Tensor, amax: torch.Tensor, bins: int, nonnegative: bool = False) -> torch.Tensor:
     """Histogram of ``|x|`` per row over ``[0, amax_c]`` with ``bins`` equal bins.
 
     Args:
@@ -151,9 +154,9 @@ def abs_histogram(x2d: torch.Tensor, amax: torch.Tensor, bins: int) -> torch.Ten
         amax: ``[C]`` the row maxima of ``|x|`` (the histogram range).
         bins: number of bins (>= 1).
     Returns: int64 ``[C, bins]``; bin ``k`` counts ``k*w <= |x| < (k+1)*w`` with ``w = amax/bins``,
-    the last bin also counts ``|x| == amax``.
+    the last bin also counts ``|x| == amax``. ``nonnegative=True`` promises ``x >= 0`` (saves a pass).
     """
-    counts = _binned_counts(x2d, _row_mult(amax, bins), 0.0, bins + 1, absolute=True)
+    counts = _binned_counts(x2d, _row_mult(amax, bins), 0.0, bins + 1, absolute=True, nonnegative=nonnegative)
     counts[:, bins - 1] += counts[:, bins]
     return counts[:, :bins]
 
@@ -291,13 +294,15 @@ class AccumulatingHistogram:
         self.counts = c.view(-1, 2).sum(1)
         self.width *= 2
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add the values of ``x`` (any shape, finite; binned in float32)."""
+    def add(self, x: torch.Tensor, minmax: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Add the values of ``x`` (any shape, finite; binned in float32).
+
+        ``minmax``: ``x``'s (min, max) if the caller already has them (saves a pass)."""
         x2d = x.detach().reshape(1, -1).to(torch.float32)
         n = x2d.shape[1]
         if n == 0:
             return
-        lo, hi = torch.aminmax(x2d)
+        lo, hi = torch.aminmax(x2d) if minmax is None else minmax
         amax = max(-float(lo), float(hi))
         self.total += n
         self.max_value = max(self.max_value, amax)
@@ -317,7 +322,7 @@ class AccumulatingHistogram:
         if needed > len(self):
             self.counts = torch.cat([self.counts, self.counts.new_zeros(needed - len(self))])
         inv = torch.tensor([1.0 / self.width], dtype=torch.float32, device=x2d.device)  # exact power of two
-        self.counts += _binned_counts(x2d, inv, 0.0, len(self), absolute=True)[0]
+        self.counts += _binned_counts(x2d, inv, 0.0, len(self), absolute=True, nonnegative=float(lo) >= 0)[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -376,7 +376,9 @@ class PercentileObserver(_BatchClipObserver):
         self.bins = check_int_range("bins", bins, 2, MAX_BINS)
 
     def _batch_clip(self, x2d: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-        return percentile_from_histogram(abs_histogram(x2d, amax, self.bins), amax, self.percentile)
+        minmax = getattr(self, "_batch_minmax", None) if self.ch_axis is None else None
+        nonneg = minmax is not None and float(minmax[0]) >= 0
+        return percentile_from_histogram(abs_histogram(x2d, amax, self.bins, nonneg), amax, self.percentile)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", percentile={self.percentile}, bins={self.bins}"
@@ -541,7 +543,7 @@ class KLObserver(ObserverBase):
         self.histogram = AccumulatingHistogram(self.bins)
 
     def _observe(self, x: torch.Tensor) -> None:
-        self.histogram.add(x)
+        self.histogram.add(x, getattr(self, "_batch_minmax", None))
         if (int(self.steps) + 1) % self.update_interval == 0:
             self._search()
 
