@@ -449,16 +449,19 @@ def _error_table_cpu(bits: int, bins_per_side: int, shrinks: tuple[float, ...]) 
     return torch.from_numpy(np.concatenate(tables))
 
 
-def squared_error_lower_bound(counts: torch.Tensor, amax: torch.Tensor, scale: torch.Tensor, bits: int,
-                              margin: float = 1e-3) -> torch.Tensor:
-    """A guaranteed lower bound of ``sum((x - quantize_dequantize(x, scale))**2)`` from a
+def squared_error_bounds(counts: torch.Tensor, amax: torch.Tensor, scale: torch.Tensor, bits: int,
+                         margin: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Guaranteed lower and upper bounds of ``sum((x - quantize_dequantize(x, scale))**2)`` from a
     :func:`signed_histogram` of ``x`` (no pass over the data).
 
-    Each bin contributes its count times the smallest error any value inside it can have (zero if
-    the bin holds a grid point, else the smaller error of its two ends; beyond the clipping level
-    the error grows, so its left end). Bins are widened by ``margin`` of their width on each side,
-    which covers the float32 rounding of the bin index. Args: ``counts`` int64 ``[C, 2B]``,
-    ``amax``/``scale`` ``[C]``. Returns float64 ``[C]`` (0 where ``bins / amax`` overflows).
+    Each bin contributes its count times the smallest (lower) and the largest (upper) error any value
+    inside it can have. Inside the grid the error is the rounding sawtooth: zero at a grid point, a
+    quarter step squared at a midpoint, monotonic in between; beyond the clipping level it grows. So
+    the smallest error is zero if the bin holds a grid point, else that of its nearer end; the largest
+    is a quarter step squared if the bin holds a midpoint, else that of its worse end. Bins are widened
+    by ``margin`` of their width on each side, which covers the float32 rounding of the bin index.
+    Args: ``counts`` int64 ``[C, 2B]``, ``amax``/``scale`` ``[C]``. Returns float64 ``([C], [C])``; where
+    ``bins / amax`` overflows the lower bound is 0 and the upper bound ``inf``.
     """
     qmin, qmax = qrange(bits)
     C, twoB = counts.shape
@@ -467,19 +470,35 @@ def squared_error_lower_bound(counts: torch.Tensor, amax: torch.Tensor, scale: t
     s = scale.double().reshape(C, 1)
     w = a / B
     j = torch.arange(B + 1, dtype=torch.float64, device=counts.device)              # |x| edges, units of w
+    lo = ((j[:-1] - margin) * w).clamp(min=0) / s                                   # [C, B] bins of |x|, in steps
+    hi = ((j[1:] + margin) * w) / s
 
-    def min_err(lo: torch.Tensor, hi: torch.Tensor, m: int) -> torch.Tensor:      # ends in steps, lo <= hi
-        err = lambda z: (z - torch.clamp(torch.round(z), 0, m)) ** 2                # noqa: E731
+    def err(z: torch.Tensor, m: int) -> torch.Tensor:
+        return (z - torch.clamp(torch.round(z), 0, m)) ** 2
+
+    def min_max_err(m: int) -> tuple[torch.Tensor, torch.Tensor]:   # bins of |x| clipped at m steps
+        e_lo, e_hi = err(lo, m), err(hi, m)
         n = torch.ceil(lo)
         has_point = (n <= torch.floor(hi)) & (n <= m)
-        return torch.where(has_point, 0.0, torch.minimum(err(lo), err(hi)))
+        k = torch.ceil(lo - 0.5)                                   # first midpoint k + 0.5 >= lo
+        has_mid = (k + 0.5 <= hi) & (k <= m)                       # midpoints up to m + 0.5 (error 1/4 there)
+        smallest = torch.where(has_point, 0.0, torch.minimum(e_lo, e_hi))
+        largest = torch.maximum(torch.maximum(e_lo, e_hi), torch.where(has_mid, 0.25, 0.0))
+        return smallest, largest
 
-    lo = ((j[:-1] - margin) * w).clamp(min=0) / s                                   # [C, B] bins of |x|
-    hi = ((j[1:] + margin) * w) / s
-    pos = min_err(lo, hi, qmax)                  # positive bins: B + b holds b*w <= x < (b+1)*w
-    neg = min_err(lo, hi, -qmin).flip(1)         # negative bins: b holds values of |x| in bin B-1-b
-    lb = (counts.double() * torch.cat([neg, pos], 1)).sum(1) * s[:, 0] ** 2
-    return torch.where(torch.isfinite(B / amax.float()), lb, 0.0)
+    pos_lo, pos_hi = min_max_err(qmax)           # positive bins: B + b holds b*w <= x < (b+1)*w
+    neg_lo, neg_hi = min_max_err(-qmin)          # negative bins: b holds values of |x| in bin B-1-b
+    c = counts.double()
+    lower = (c * torch.cat([neg_lo.flip(1), pos_lo], 1)).sum(1) * s[:, 0] ** 2
+    upper = (c * torch.cat([neg_hi.flip(1), pos_hi], 1)).sum(1) * s[:, 0] ** 2
+    ok = torch.isfinite(B / amax.float().reshape(-1))
+    return torch.where(ok, lower, 0.0), torch.where(ok, upper, torch.inf)
+
+
+def squared_error_lower_bound(counts: torch.Tensor, amax: torch.Tensor, scale: torch.Tensor, bits: int,
+                              margin: float = 1e-3) -> torch.Tensor:
+    """The lower bound of :func:`squared_error_bounds` (float64 ``[C]``)."""
+    return squared_error_bounds(counts, amax, scale, bits, margin)[0]
 
 
 def squared_error_table(bits: int, bins_per_side: int, shrinks: tuple[float, ...], device=None,

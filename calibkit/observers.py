@@ -55,7 +55,7 @@ from torch import nn
 from .errors import CalibrationError
 from .histogram import (MAX_BINS, AccumulatingHistogram, abs_histogram, abs_order_statistics, column_chunks,
                         kl_threshold_bins, percentile_from_histogram, percentile_ranks, signed_histogram,
-                        squared_error_lower_bound, squared_error_table, workspace)
+                        squared_error_bounds, squared_error_table, workspace)
 from .quant import check_bits, qrange, scale_from_amax
 
 
@@ -393,12 +393,13 @@ class MSEObserver(_BatchClipObserver):
 
     All candidates are scored at once from a signed histogram (``SCORE_BINS`` bins per sign) with
     the closed-form error table of :func:`calibkit.histogram.squared_error_table`. The best-scored
-    candidate is then quantize-dequantized exactly on the batch and kept only if its error is
-    smaller than that of ``k = 0`` (the ``min_max`` clip; ties keep ``k = 0``). The error of ``k = 0``
-    is measured exactly too, unless a guaranteed lower bound computed from the same histogram
-    (:func:`calibkit.histogram.squared_error_lower_bound`) already exceeds the best candidate's
-    measured error. Hence, on its batch, ``mse`` never has a larger L2 error than ``min_max``, and
-    usually costs one histogram pass plus one quantize-dequantize pass. The clip is moving-averaged.
+    candidate is kept only if its L2 error on the batch is smaller than that of ``k = 0`` (the
+    ``min_max`` clip; ties keep ``k = 0``). That comparison is exact but as cheap as possible: guaranteed
+    error bounds from the same histogram (:func:`calibkit.histogram.squared_error_bounds`) settle it
+    when the best candidate's upper bound is below ``k = 0``'s lower bound; otherwise the best candidate
+    is quantize-dequantized on the batch, and ``k = 0`` too unless its lower bound already exceeds that
+    measured error. Hence, on its batch, ``mse`` never has a larger L2 error than ``min_max``, and usually
+    costs one histogram pass plus at most one quantize-dequantize pass. The clip is moving-averaged.
     """
 
     name = "mse"
@@ -408,6 +409,9 @@ class MSEObserver(_BatchClipObserver):
     #: measuring it: the bound is about 0.82 of the true error at 2048 bins per side, so a best candidate
     #: scoring under 0.8 of k = 0 is usually proven better without a second quantize-dequantize pass.
     CLEAR_GAIN = 0.8
+    #: Below this many elements both errors are simply measured: two quantize-dequantize passes cost less
+    #: than evaluating the histogram bounds.
+    BOUNDS_MIN_NUMEL = 1 << 19
 
     def __init__(self, bits: int = 8, averaging_constant: float = 0.01, ch_axis: int | None = None, stride: int = 1):
         super().__init__(bits, averaging_constant, ch_axis)
@@ -429,13 +433,17 @@ class MSEObserver(_BatchClipObserver):
             return amax
         best_clip = amax * shrink.index_select(0, best)
         scale_best = scale_from_amax(best_clip, self.bits)
-        if bool((score.gather(1, best[:, None])[:, 0] < self.CLEAR_GAIN * score[:, 0]).all()):
-            # a clear gain is expected: measure the best candidate alone; k = 0 is measured only if
-            # the histogram bound (guaranteed <= its error) cannot prove it worse
+        if x2d.numel() >= self.BOUNDS_MIN_NUMEL and \
+                bool((score.gather(1, best[:, None])[:, 0] < self.CLEAR_GAIN * score[:, 0]).all()):
+            # a clear gain is expected: try to prove it from the histogram alone (an upper bound of the
+            # best candidate's error below a lower bound of k = 0's), else measure the best candidate and
+            # compare it with k = 0's lower bound; k = 0 is measured only if neither proves it worse
+            lower0 = squared_error_bounds(counts, amax, scale0, self.bits)[0] * (1 - 1e-5)
+            upper_best = squared_error_bounds(counts, amax, scale_best, self.bits)[1]
+            if bool((upper_best * (1 + 1e-5) <= lower0).all()):
+                return best_clip
             err_best = squared_errors(x2d, scale_best[:, None], self.bits)[:, 0]
-            bound0 = squared_error_lower_bound(counts, amax, scale0, self.bits)
-            proven = err_best * (1 + 1e-5) <= bound0 * (1 - 1e-5)
-            if bool(proven.all()):
+            if bool((err_best * (1 + 1e-5) <= lower0).all()):
                 return best_clip
             err0 = squared_errors(x2d, scale0[:, None], self.bits)[:, 0]
         else:

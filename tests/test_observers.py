@@ -394,3 +394,29 @@ def test_fixed_scale_observer():
         make("fixed_scale")
     with pytest.raises(ValueError, match=r"amax=-1.0 is out of range: use a finite number > 0"):
         make("fixed_scale", amax=-1.0)
+
+
+@pytest.mark.parametrize("case", ["proven_by_bounds", "measured"])
+def test_mse_large_tensor_decision_equals_exact_comparison(monkeypatch, case):
+    # Above BOUNDS_MIN_NUMEL the k = 0 vs best decision may be settled by histogram bounds: it must be
+    # exactly the decision two exact measurements give, and the bounds must spare passes when they can.
+    g = torch.Generator().manual_seed(11)
+    n = O.MSEObserver.BOUNDS_MIN_NUMEL + 1000
+    if case == "proven_by_bounds":   # Student-t(3): clipping the extreme tail is a large, clear gain
+        z = torch.randn(4, n, generator=g)
+        x = z[0] / (z[1:] ** 2).mean(0).sqrt()
+    else:                            # Gaussian: a small gain, not provable from the histogram
+        x = torch.randn(n, generator=g)
+    passes = []
+    real = O.squared_errors
+    monkeypatch.setattr(O, "squared_errors", lambda *a: passes.append(a[1].shape) or real(*a))
+    obs = make("mse")
+    obs(x)
+    amax = float(x.abs().max())
+    clip = float(obs.get_amax())
+    e_clip = l2(x, scale_from_amax(torch.tensor(clip)), 8)
+    e0 = l2(x, scale_from_amax(torch.tensor(amax)), 8)
+    if case == "proven_by_bounds":
+        assert passes == [] and clip < 0.8 * amax and e_clip < 0.7 * e0
+    else:
+        assert len(passes) >= 1 and (clip == amax or e_clip < e0)
