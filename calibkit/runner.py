@@ -70,6 +70,23 @@ def run_notebook(nb_path: Path, profile: str, output_root: Path, extra: dict | N
             "metrics": json.loads(metrics_path.read_text())}
 
 
+def update_summary(path: Path, results: list[dict]) -> dict:
+    """Write ``{notebook: {"seconds", "metrics"}}`` for ``results`` into the JSON file ``path``, keeping the
+    entries of notebooks not in ``results`` (re-running one notebook with ``--only`` does not drop the
+    others); an unreadable old file is replaced. Returns the summary written, in notebook order."""
+    path = Path(path)
+    try:
+        summary = json.loads(path.read_text()) if path.exists() else {}
+        if not isinstance(summary, dict):
+            summary = {}
+    except (OSError, ValueError):
+        summary = {}
+    summary.update({r["notebook"]: {"seconds": r["seconds"], "metrics": r["metrics"]} for r in results})
+    summary = dict(sorted(summary.items()))
+    path.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def _scalar_summary(metrics: dict, limit: int = 8) -> str:
     items = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
              if isinstance(v, (int, float, str)) and not isinstance(v, bool) and (not isinstance(v, float) or math.isfinite(v))]
@@ -91,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         res = run_notebook(nb, args.profile, root, cell_timeout=args.cell_timeout)
         print(f"[calibkit]   done in {res['seconds']:.0f} s -> {res['executed']}", flush=True)
         results.append(res)
-    summary = {r["notebook"]: {"seconds": r["seconds"], "metrics": r["metrics"]} for r in results}
-    (root / "summary.json").write_text(json.dumps(summary, indent=2))
+    update_summary(root / "summary.json", results)
     print("\n[calibkit] tutorial finished. Executed notebooks, figures and metrics are under", root)
     for r in results:
         print(f"  {r['notebook']:<32} {r['seconds']:7.0f} s  {_scalar_summary(r['metrics'])}")

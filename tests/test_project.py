@@ -68,3 +68,18 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in readme and "make tutorial" in readme
     assert re.search(r"^make test\b", ci, re.M), ".ci/run must call the README's test command"
+
+
+def test_summary_keeps_notebooks_that_were_not_rerun(tmp_path):
+    import json
+
+    from calibkit.runner import update_summary
+
+    path = tmp_path / "summary.json"
+    first = [{"notebook": n, "seconds": 1.0, "metrics": {"a": i}} for i, n in enumerate(["01_x.ipynb", "02_y.ipynb"])]
+    update_summary(path, first)
+    got = update_summary(path, [{"notebook": "02_y.ipynb", "seconds": 5.0, "metrics": {"a": 9}}])  # --only 02
+    assert list(got) == ["01_x.ipynb", "02_y.ipynb"] and got["02_y.ipynb"]["metrics"] == {"a": 9}
+    assert json.loads(path.read_text()) == got and got["01_x.ipynb"]["seconds"] == 1.0
+    path.write_text("not json")
+    assert list(update_summary(path, first[:1])) == ["01_x.ipynb"]
