@@ -119,32 +119,34 @@ def _require_eval(model: nn.Module, what: str) -> None:
 
 
 @contextlib.contextmanager
-def quantizers_enabled_only(model: nn.Module, names: Iterable[str]):
-    """Context: only the quantizers ``names`` fake-quantize (with their frozen scales); every other
-    tensor stays float. Observers are off. All flags are restored on exit. The model must be in eval
-    mode and calibrated."""
+def _fake_quantize_selected(model: nn.Module, names: Iterable[str], what: str, selected: bool):
+    """Observers off, scales frozen; a quantizer fake-quantizes iff its membership in ``names`` equals
+    ``selected``. Flags are restored on exit."""
     names = set(check_quantizer_names(model, names))
-    _require_eval(model, "quantizers_enabled_only")
+    _require_eval(model, what)
     with _saved_flags(model) as qs:
         _ready_scales(qs)
         for n, fq in qs.items():
             fq.enable_observer(False)
-            fq.enable_fake_quant(n in names)
+            fq.enable_fake_quant((n in names) == selected)
         yield model
+
+
+@contextlib.contextmanager
+def quantizers_enabled_only(model: nn.Module, names: Iterable[str]):
+    """Context: only the quantizers ``names`` fake-quantize (with their frozen scales); every other
+    tensor stays float. Observers are off. All flags are restored on exit. The model must be in eval
+    mode and calibrated."""
+    with _fake_quantize_selected(model, names, "quantizers_enabled_only", selected=True) as m:
+        yield m
 
 
 @contextlib.contextmanager
 def quantizers_disabled(model: nn.Module, names: Iterable[str]):
     """Context: every quantizer fake-quantizes (VALIDATION arithmetic) except ``names``, which pass
     their tensor through in float. Observers are off; flags are restored on exit."""
-    names = set(check_quantizer_names(model, names))
-    _require_eval(model, "quantizers_disabled")
-    with _saved_flags(model) as qs:
-        _ready_scales(qs)
-        for n, fq in qs.items():
-            fq.enable_observer(False)
-            fq.enable_fake_quant(n not in names)
-        yield model
+    with _fake_quantize_selected(model, names, "quantizers_disabled", selected=False) as m:
+        yield m
 
 
 def _batches_list(batches) -> list[torch.Tensor]:

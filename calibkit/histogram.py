@@ -495,12 +495,6 @@ def squared_error_bounds(counts: torch.Tensor, amax: torch.Tensor, scale: torch.
     return torch.where(ok, lower, 0.0), torch.where(ok, upper, torch.inf)
 
 
-def squared_error_lower_bound(counts: torch.Tensor, amax: torch.Tensor, scale: torch.Tensor, bits: int,
-                              margin: float = 1e-3) -> torch.Tensor:
-    """The lower bound of :func:`squared_error_bounds` (float64 ``[C]``)."""
-    return squared_error_bounds(counts, amax, scale, bits, margin)[0]
-
-
 def squared_error_table(bits: int, bins_per_side: int, shrinks: tuple[float, ...], device=None,
                         dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Mean squared quantization error per value in each bin of ``|x|``, for every candidate clip.

@@ -133,6 +133,10 @@ class ObserverBase(nn.Module):
             raise ValueError(f"ch_axis={self.ch_axis} is out of range for a {x.dim()}-d tensor")
         return x
 
+    def _tensor_minmax(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The current batch's (min, max) from the input check, for per-tensor observers; else None."""
+        return getattr(self, "_batch_minmax", None) if self.ch_axis is None else None
+
     def _channels_first(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` reshaped to ``[C, N]`` along ``ch_axis`` (per-channel observers); row ``c`` holds
         ``x.select(ch_axis, c)`` in its own element order."""
@@ -346,8 +350,7 @@ class _BatchClipObserver(ObserverBase):
 
     def _observe(self, x: torch.Tensor) -> None:
         x2d = self._rows(x)
-        minmax = getattr(self, "_batch_minmax", None) if self.ch_axis is None else None
-        clip = self._batch_clip(x2d, _row_amax(x2d, minmax))
+        clip = self._batch_clip(x2d, _row_amax(x2d, self._tensor_minmax()))
         self.amax = self._average(self.amax, clip.reshape(()) if self.ch_axis is None else clip)
 
     def _batch_clip(self, x2d: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -376,7 +379,7 @@ class PercentileObserver(_BatchClipObserver):
         self.bins = check_int_range("bins", bins, 2, MAX_BINS)
 
     def _batch_clip(self, x2d: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-        minmax = getattr(self, "_batch_minmax", None) if self.ch_axis is None else None
+        minmax = self._tensor_minmax()
         nonneg = minmax is not None and float(minmax[0]) >= 0
         return percentile_from_histogram(abs_histogram(x2d, amax, self.bins, nonneg), amax, self.percentile)
 
@@ -551,7 +554,7 @@ class KLObserver(ObserverBase):
         self.histogram = AccumulatingHistogram(self.bins)
 
     def _observe(self, x: torch.Tensor) -> None:
-        self.histogram.add(x, getattr(self, "_batch_minmax", None))
+        self.histogram.add(x, self._tensor_minmax())
         if (int(self.steps) + 1) % self.update_interval == 0:
             self._search()
 
