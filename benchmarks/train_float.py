@@ -99,7 +99,9 @@ def main(argv=None):
                "checkpoint": str(out), "per_class_accuracy": dict(zip(ds.classes, per_class_accuracy(cm).tolist())),
                "history": {k: hist[k] for k in ("epoch", "train_loss", "train_accuracy", "test_accuracy", "epoch_seconds")},
                "hyperparameters": {k: hist[k] for k in ("batch_size", "lr", "momentum", "weight_decay", "label_smoothing",
-                                                        "warmup_epochs", "translate", "head_lr_scale", "whiten", "amp")},
+                                                        "warmup_epochs", "translate", "head_lr_scale", "bias_lr_scale",
+                                                        "freeze_bn_weight", "bn_momentum", "logit_scale", "lookahead",
+                                                        "alternate_flip", "whiten", "amp")},
                "arch": hist["arch"], "arch_kwargs": hist["arch_kwargs"], "load_average_end": os.getloadavg()[0]}
     save_checkpoint(out, model, {k: v for k, v in metrics.items() if k != "checkpoint"} | {"classes": ds.classes})
     out.with_suffix(".json").write_text(json.dumps(metrics, indent=2))

@@ -29,7 +29,9 @@ def _toy_data(n_train=256, n_test=128, seed=0, size=16):
     return ImageTensors(xtr, ytr, xte, yte, ["tl", "tr", "bl", "br"], "toy")
 
 
-TINY = dict(batch_size=64, lr=0.2, warmup_epochs=0.5, eval_every=0, progress=False, amp=False)
+# the toy data are easy and tiny: plain logits, no lookahead and ordinary BN-bias steps learn them in a few steps
+TINY = dict(batch_size=64, lr=0.2, warmup_epochs=0.5, eval_every=0, progress=False, amp=False, logit_scale=1.0,
+            lookahead=False, bias_lr_scale=1.0)
 
 
 def test_augment_identity_and_shapes():
@@ -191,3 +193,47 @@ def test_profile_config_is_json_and_applies_epochs_then_overrides():
     assert profile_config("full", epochs=3, lr=0.1)["lr"] == 0.1 and PROFILES["full"]["lr"] != 0.1
     with pytest.raises(ValueError, match="profile='nope'"):
         profile_config("nope")
+
+
+def test_augment_flip_mask_mirrors_exactly_the_masked_images():
+    x = torch.randint(0, 256, (8, 3, 6, 6), dtype=torch.uint8)
+    mask = torch.tensor([True, False] * 4)
+    y = augment(x, torch.Generator().manual_seed(0), translate=0, flip_mask=mask)
+    assert torch.equal(y[mask], x[mask].flip(-1)) and torch.equal(y[~mask], x[~mask])
+    with pytest.raises(ValueError, match="flip_mask"):
+        augment(x, torch.Generator(), flip_mask=torch.ones(7, dtype=torch.bool))
+
+
+def test_recipe_switches_frozen_bn_weights_restored_momentum_and_folded_logit_scale():
+    ds = _toy_data()
+    torch.manual_seed(0)
+    model = cifar_resnet((8, 8, 8), num_classes=4, stem_width=8)
+    bn_w = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    fc = [p.detach().clone() for p in model.fc.parameters()]
+    train(model, ds, 1, seed=0, **{**TINY, "lr": 1e-12, "logit_scale": 0.25, "freeze_bn_weight": True, "bn_momentum": 0.7})
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert torch.equal(m.weight, bn_w[n]), f"{n}.weight trained although frozen"
+            assert m.momentum == 0.1, "the model's BN momentum is restored after training"
+    # with a negligible lr the head only carries the folded logit scale
+    for p, p0 in zip(model.fc.parameters(), fc):
+        torch.testing.assert_close(p.detach(), 0.25 * p0, rtol=1e-6, atol=1e-9)
+    model2 = cifar_resnet((8, 8, 8), num_classes=4, stem_width=8)
+    train(model2, ds, 1, seed=0, **{**TINY, "freeze_bn_weight": False})
+    assert any(not torch.equal(m.weight, bn_w[n]) for n, m in model2.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_lookahead_returns_the_slow_weights():
+    a, _ = _fit(seed=3, epochs=2, lookahead=False)   # 8 steps
+    b, _ = _fit(seed=3, epochs=2, lookahead=True)
+    assert any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    c, _ = _fit(seed=3, epochs=1, lookahead=True)    # 4 steps: no synchronisation, plain weights
+    d, _ = _fit(seed=3, epochs=1, lookahead=False)
+    assert all(torch.equal(x, y) for x, y in zip(c.state_dict().values(), d.state_dict().values()))
+
+
+@pytest.mark.parametrize("kw, word", [({"bias_lr_scale": 0}, "bias_lr_scale"), ({"logit_scale": -1.0}, "logit_scale"),
+                                      ({"bn_momentum": 1.5}, "bn_momentum")])
+def test_train_rejects_bad_recipe_arguments(kw, word):
+    with pytest.raises(ValueError, match=word):
+        train(cifar_resnet((8, 8, 8), num_classes=4, stem_width=8), _toy_data(), 1, **{**TINY, **kw})
