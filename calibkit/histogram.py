@@ -32,6 +32,8 @@ from .quant import qrange
 CPU_CHUNK = 1 << 17
 #: Elements per chunk on accelerators (a single pass for any realistic activation).
 DEVICE_CHUNK = 1 << 26
+#: int32 bin indices of this many elements are counted by one ``bincount`` call (on every device).
+STAGE_ELEMS = 1 << 20
 #: Largest ``bins`` accepted by the histogram observers.
 MAX_BINS = 1 << 20
 #: :class:`AccumulatingHistogram` never holds more than ``MAX_LENGTH_FACTOR * bins`` bins.
@@ -72,12 +74,13 @@ def workspace(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: tor
     return buf[:n].view(shape)
 
 
-def column_chunks(x2d: torch.Tensor, merge_tail: bool = False):
-    """Yield column slices of ``x2d`` ``[C, N]`` holding about ``chunk_elems`` elements each.
+def column_chunks(x2d: torch.Tensor, merge_tail: bool = False, fan_out: int = 1):
+    """Yield column slices of ``x2d`` ``[C, N]`` holding about ``chunk_elems / fan_out`` elements each
+    (``fan_out``: how many work values the caller makes per element, e.g. one per candidate scale).
 
     ``merge_tail``: a last slice shorter than half a chunk is merged into the one before it (fewer
-    small ops for tensors just above a chunk; only for sums that do not depend on chunking, like counts)."""
-    cols = max(1, chunk_elems(x2d.device) // x2d.shape[0])
+    small ops for tensors just above a chunk)."""
+    cols = max(1, chunk_elems(x2d.device) // (x2d.shape[0] * max(1, int(fan_out))))
     n = x2d.shape[1]
     stops = list(range(cols, n, cols)) + [n]
     if merge_tail and len(stops) > 1 and n - stops[-2] < cols // 2:
@@ -86,6 +89,17 @@ def column_chunks(x2d: torch.Tensor, merge_tail: bool = False):
     for stop in stops:
         yield x2d[:, start:stop]
         start = stop
+
+
+def _offset_buffer(shape: tuple[int, int], offset: float, device: torch.device) -> torch.Tensor:
+    """A float32 tensor of ``shape`` filled with ``offset`` (per thread and device; kept between calls and
+    refilled only when the offset changes or a larger one is needed). Read-only for the caller."""
+    cache = _scratch.__dict__.setdefault("offsets", {})
+    n, dev = math.prod(shape), torch.device(device)
+    held = cache.get(dev)
+    if held is None or held[0] != offset or held[1].numel() < n:
+        held = cache[dev] = (offset, torch.full((n,), offset, dtype=torch.float32, device=dev))
+    return held[1][:n].view(shape)
 
 
 def _binned_counts(x2d: torch.Tensor, mult: torch.Tensor, offset: float, length: int, absolute: bool,
@@ -113,10 +127,26 @@ def _binned_counts(x2d: torch.Tensor, mult: torch.Tensor, offset: float, length:
     else:
         rows = None
     counts = torch.zeros(lanes * C * length, dtype=torch.int64, device=x2d.device)
+    # The int32 indices of consecutive chunks are staged in one buffer and counted together: one bincount
+    # (and one allocation of its result) per STAGE_ELEMS elements instead of one per chunk.
+    stage = workspace("bins_stage", (STAGE_ELEMS,), torch.int32, x2d.device) if x2d.numel() > 2 * chunk_elems(x2d.device) else None
+    filled = 0
+
+    def flush():
+        nonlocal counts, filled
+        if filled:
+            counts += torch.bincount(stage[:filled], minlength=counts.numel())
+            filled = 0
+
     off = None
     for xc in column_chunks(x2d, merge_tail=per_chunk is None):
         b = workspace("bins_f32", xc.shape, torch.float32, x2d.device)
-        ib = workspace("bins_i32", xc.shape, torch.int32, x2d.device)
+        if stage is not None:
+            if filled + xc.numel() > STAGE_ELEMS:
+                flush()
+            ib = stage[filled:filled + xc.numel()].view(xc.shape)
+        else:
+            ib = workspace("bins_i32", xc.shape, torch.int32, x2d.device)
         if absolute and nonnegative:
             torch.mul(xc, mult, out=b)
         elif absolute:
@@ -125,16 +155,21 @@ def _binned_counts(x2d: torch.Tensor, mult: torch.Tensor, offset: float, length:
                 b.add_(offset)
         else:  # x * mult + offset in one op (the offset buffer has the chunk's shape: fast path)
             if off is None or off.shape[1] < xc.shape[1]:
-                off = workspace("bins_offset", xc.shape, torch.float32, x2d.device).fill_(offset)
+                off = _offset_buffer(xc.shape, offset, x2d.device)
             torch.addcmul(off[:, :xc.shape[1]], xc, mult, out=b)
         if overflow:
             torch.nan_to_num_(b, nan=offset, posinf=length - 1, neginf=0.0)
         ib.copy_(b)  # float -> int32 truncates toward zero (= floor for the non-negative values here)
         if rows is not None:
             ib.add_(rows if C > 1 else rows[:, :xc.shape[1]])
-        counts += torch.bincount(ib.reshape(-1), minlength=counts.numel())
+        if stage is None:
+            counts += torch.bincount(ib.reshape(-1), minlength=counts.numel())
+        else:
+            filled += xc.numel()
         if per_chunk is not None:
             per_chunk(xc)
+    if stage is not None:
+        flush()
     if lanes > 1:
         counts = counts.view(lanes, length).sum(0)
     return counts.reshape(C, length)
@@ -161,15 +196,25 @@ def abs_histogram(x2d: torch.Tensor, amax: torch.Tensor, bins: int, nonnegative:
     return counts[:, :bins]
 
 
-def signed_histogram(x2d: torch.Tensor, amax: torch.Tensor, bins_per_side: int, per_chunk=None) -> torch.Tensor:
+def signed_histogram(x2d: torch.Tensor, amax: torch.Tensor, bins_per_side: int, per_chunk=None,
+                     nonnegative: bool = False) -> torch.Tensor:
     """Histogram of ``x`` per row over ``[-amax_c, amax_c]`` with ``2 * bins_per_side`` equal bins.
 
     Returns int64 ``[C, 2 * bins_per_side]``; bin ``j`` counts ``(j - B) w <= x < (j - B + 1) w``
     with ``B = bins_per_side`` and ``w = amax / B``; the last bin also counts ``x == amax``.
     ``per_chunk(xc)``, if given, runs on each column chunk ``xc`` of ``x2d`` while it is in cache.
+    ``nonnegative=True`` promises ``x >= 0`` (e.g. a ReLU output): only the upper half is counted, with
+    half the bins and without the offset (the bin index is then exactly ``trunc(x / w)``; in general it
+    is ``trunc(x / w + B)`` rounded once in float32, which can move a value lying within ~1e-4 bin of an
+    edge to the next bin).
     """
     B = bins_per_side
-    counts = _binned_counts(x2d, _row_mult(amax, B), float(B), 2 * B + 1, absolute=False, per_chunk=per_chunk)
+    if nonnegative:
+        upper = _binned_counts(x2d, _row_mult(amax, B), 0.0, B + 1, absolute=True, per_chunk=per_chunk, nonnegative=True)
+        counts = upper.new_zeros(upper.shape[0], 2 * B + 1)
+        counts[:, B:] = upper
+    else:
+        counts = _binned_counts(x2d, _row_mult(amax, B), float(B), 2 * B + 1, absolute=False, per_chunk=per_chunk)
     counts[:, 2 * B - 1] += counts[:, 2 * B]
     return counts[:, :2 * B]
 
@@ -449,50 +494,77 @@ def _error_table_cpu(bits: int, bins_per_side: int, shrinks: tuple[float, ...]) 
     return torch.from_numpy(np.concatenate(tables))
 
 
+def _bin_error_extremes(lo: torch.Tensor, hi: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smallest and largest ``e(z) = (z - clamp(round(z), 0, m))**2`` over ``z`` in ``[lo, hi]`` (``0 <= lo <= hi``,
+    units of the step), elementwise. Inside the grid ``e`` is the rounding sawtooth: zero at a grid point, a
+    quarter at a midpoint, monotonic in between; beyond ``m + 1/2`` it grows (clipping). So the smallest value is
+    zero if the interval holds a grid point, else that of its nearer end; the largest is a quarter if the interval
+    holds a midpoint, else that of its worse end."""
+    def err(z):
+        return (z - torch.clamp(torch.round(z), 0, m)) ** 2
+
+    e_lo, e_hi = err(lo), err(hi)
+    n = torch.ceil(lo)
+    has_point = (n <= torch.floor(hi)) & (n <= m)
+    k = torch.ceil(lo - 0.5)                                   # first midpoint k + 0.5 >= lo
+    has_mid = (k + 0.5 <= hi) & (k <= m)                       # midpoints up to m + 0.5 (error 1/4 there)
+    smallest = torch.where(has_point, 0.0, torch.minimum(e_lo, e_hi))
+    largest = torch.maximum(torch.maximum(e_lo, e_hi), torch.where(has_mid, 0.25, 0.0))
+    return smallest, largest
+
+
+def _signed_bin_extremes(steps_per_bin: torch.Tensor, B: int, bits: int, margin: float):
+    """Per signed-histogram bin (``2B`` columns) the smallest and largest error in step² units, for rows
+    whose bin width is ``steps_per_bin`` ``[R, 1]`` float64 quantization steps. Returns two ``[R, 2B]``."""
+    qmin, qmax = qrange(bits)
+    j = torch.arange(B + 1, dtype=torch.float64, device=steps_per_bin.device)      # |x| edges, in bins
+    lo = (j[:-1] - margin).clamp(min=0) * steps_per_bin                            # [R, B] bins of |x|, in steps
+    hi = (j[1:] + margin) * steps_per_bin
+    pos_lo, pos_hi = _bin_error_extremes(lo, hi, qmax)     # positive bins: B + b holds b*w <= x < (b+1)*w
+    neg_lo, neg_hi = _bin_error_extremes(lo, hi, -qmin)    # negative bins: b holds values of |x| in bin B-1-b
+    return torch.cat([neg_lo.flip(1), pos_lo], 1), torch.cat([neg_hi.flip(1), pos_hi], 1)
+
+
 def squared_error_bounds(counts: torch.Tensor, amax: torch.Tensor, scale: torch.Tensor, bits: int,
                          margin: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """Guaranteed lower and upper bounds of ``sum((x - quantize_dequantize(x, scale))**2)`` from a
     :func:`signed_histogram` of ``x`` (no pass over the data).
 
     Each bin contributes its count times the smallest (lower) and the largest (upper) error any value
-    inside it can have. Inside the grid the error is the rounding sawtooth: zero at a grid point, a
-    quarter step squared at a midpoint, monotonic in between; beyond the clipping level it grows. So
-    the smallest error is zero if the bin holds a grid point, else that of its nearer end; the largest
-    is a quarter step squared if the bin holds a midpoint, else that of its worse end. Bins are widened
-    by ``margin`` of their width on each side, which covers the float32 rounding of the bin index.
+    inside it can have (see :func:`_bin_error_extremes`). Bins are widened by ``margin`` of their width on
+    each side, which covers the float32 rounding of the bin index.
     Args: ``counts`` int64 ``[C, 2B]``, ``amax``/``scale`` ``[C]``. Returns float64 ``([C], [C])``; where
     ``bins / amax`` overflows the lower bound is 0 and the upper bound ``inf``.
     """
-    qmin, qmax = qrange(bits)
     C, twoB = counts.shape
     B = twoB // 2
-    a = amax.double().reshape(C, 1)
     s = scale.double().reshape(C, 1)
-    w = a / B
-    j = torch.arange(B + 1, dtype=torch.float64, device=counts.device)              # |x| edges, units of w
-    lo = ((j[:-1] - margin) * w).clamp(min=0) / s                                   # [C, B] bins of |x|, in steps
-    hi = ((j[1:] + margin) * w) / s
-
-    def err(z: torch.Tensor, m: int) -> torch.Tensor:
-        return (z - torch.clamp(torch.round(z), 0, m)) ** 2
-
-    def min_max_err(m: int) -> tuple[torch.Tensor, torch.Tensor]:   # bins of |x| clipped at m steps
-        e_lo, e_hi = err(lo, m), err(hi, m)
-        n = torch.ceil(lo)
-        has_point = (n <= torch.floor(hi)) & (n <= m)
-        k = torch.ceil(lo - 0.5)                                   # first midpoint k + 0.5 >= lo
-        has_mid = (k + 0.5 <= hi) & (k <= m)                       # midpoints up to m + 0.5 (error 1/4 there)
-        smallest = torch.where(has_point, 0.0, torch.minimum(e_lo, e_hi))
-        largest = torch.maximum(torch.maximum(e_lo, e_hi), torch.where(has_mid, 0.25, 0.0))
-        return smallest, largest
-
-    pos_lo, pos_hi = min_max_err(qmax)           # positive bins: B + b holds b*w <= x < (b+1)*w
-    neg_lo, neg_hi = min_max_err(-qmin)          # negative bins: b holds values of |x| in bin B-1-b
+    lo_err, hi_err = _signed_bin_extremes(amax.double().reshape(C, 1) / B / s, B, bits, margin)
     c = counts.double()
-    lower = (c * torch.cat([neg_lo.flip(1), pos_lo], 1)).sum(1) * s[:, 0] ** 2
-    upper = (c * torch.cat([neg_hi.flip(1), pos_hi], 1)).sum(1) * s[:, 0] ** 2
+    lower = (c * lo_err).sum(1) * s[:, 0] ** 2
+    upper = (c * hi_err).sum(1) * s[:, 0] ** 2
     ok = torch.isfinite(B / amax.float().reshape(-1))
     return torch.where(ok, lower, 0.0), torch.where(ok, upper, torch.inf)
+
+
+def squared_error_bound_tables(bits: int, bins_per_side: int, shrinks: tuple[float, ...], margin: float = 2e-3,
+                               device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`squared_error_bounds` as two float64 tables ``[K, 2B]`` (lower, upper; step² units), one row per
+    candidate scale ``scale_from_amax(amax * shrinks[k])``: the bin width in steps is then
+    ``(qmax - qmin) / 2 / (B * shrinks[k])`` whatever ``amax``, so the bounds of a row of counts ``c`` are
+    ``(c @ table[k]) * scale_k**2`` (a dot product instead of ~30 elementwise ops). ``margin`` (bins) is
+    twice that of :func:`squared_error_bounds`: it also covers the float32 rounding of ``amax * shrink`` and of
+    the scale. Not valid where the scale is clamped at ``MIN_SCALE`` or ``bins / amax`` overflows. Cached."""
+    return _bound_tables(int(bits), int(bins_per_side), tuple(float(s) for s in shrinks), float(margin),
+                         torch.device(device) if device is not None else torch.device("cpu"))
+
+
+@functools.lru_cache(maxsize=16)
+def _bound_tables(bits, B, shrinks, margin, device):
+    qmin, qmax = qrange(bits)
+    r = (qmax - qmin) / 2 / (B * torch.tensor(shrinks, dtype=torch.float64))
+    lo, hi = _signed_bin_extremes(r[:, None], B, bits, margin)                   # [K, 2B]
+    return lo.to(device), hi.to(device)
 
 
 def squared_error_table(bits: int, bins_per_side: int, shrinks: tuple[float, ...], device=None,

@@ -55,8 +55,8 @@ from torch import nn
 from .errors import CalibrationError
 from .histogram import (MAX_BINS, AccumulatingHistogram, abs_histogram, abs_order_statistics, column_chunks,
                         kl_threshold_bins, percentile_from_histogram, percentile_ranks, signed_histogram,
-                        squared_error_bounds, squared_error_table, workspace)
-from .quant import check_bits, qrange, scale_from_amax
+                        squared_error_bound_tables, squared_error_table, workspace)
+from .quant import MIN_SCALE, check_bits, qrange, scale_from_amax
 
 
 def check_averaging_constant(c: float) -> float:
@@ -316,12 +316,14 @@ class SquaredErrors:
     def __call__(self, xc: torch.Tensor) -> None:
         if self.factor is not None:
             xc = torch.mul(xc, self.factor, out=workspace("sq_err_x", xc.shape, torch.float32, xc.device))
-        b = workspace("sq_err_f32", xc.shape, torch.float32, xc.device)
-        for j in range(self.scales.shape[1]):
-            s = self.scales[:, j:j + 1]
-            torch.div(xc, s, out=b).round_().clamp_(self.qmin, self.qmax)
-            torch.addcmul(xc, b, s, value=-1, out=b)  # x - q * s
-            self.parts.append(b.square_().sum(1))
+        C, n = xc.shape
+        T = self.scales.shape[1]
+        b = workspace("sq_err_f32", (C, T, n), torch.float32, xc.device)
+        s, x = self.scales[:, :, None], xc[:, None, :]
+        # all candidates in one op each: q = clamp(round(x / s)), then x - q * s, squared and summed
+        torch.div(x, s, out=b).round_().clamp_(self.qmin, self.qmax)
+        torch.addcmul(x, b, s, value=-1, out=b)
+        self.parts.append(b.square_().sum(2))
 
     @property
     def out(self) -> torch.Tensor:
@@ -329,18 +331,18 @@ class SquaredErrors:
         C, T = self.scales.shape
         if not self.parts:
             return torch.zeros(C, T, dtype=torch.float64, device=self.scales.device)
-        total = torch.stack(self.parts, 1).view(C, -1, T).double().sum(1)
+        total = torch.stack(self.parts).double().sum(0)
         return total if self.factor is None else total / self.factor.double() ** 2
 
 
 def squared_errors(x2d: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
     """Exact L2 quantize-dequantize errors per row and candidate: float64 ``[C, T]``.
 
-    ``x2d``: float32 ``[C, N]``; ``scales``: float32 ``[C, T]``. All candidates are evaluated on each
-    cache-sized chunk in turn (see :class:`SquaredErrors`).
+    ``x2d``: float32 ``[C, N]``; ``scales``: float32 ``[C, T]``. All candidates are evaluated together on
+    each chunk of ``chunk_elems / T`` elements (see :class:`SquaredErrors`), so the work buffer stays in cache.
     """
     acc = SquaredErrors(scales.to(x2d.device), bits)
-    for xc in column_chunks(x2d):
+    for xc in column_chunks(x2d, merge_tail=True, fan_out=scales.shape[1]):
         acc(xc)
     return acc.out
 
@@ -398,23 +400,17 @@ class MSEObserver(_BatchClipObserver):
     the closed-form error table of :func:`calibkit.histogram.squared_error_table`. The best-scored
     candidate is kept only if its L2 error on the batch is smaller than that of ``k = 0`` (the
     ``min_max`` clip; ties keep ``k = 0``). That comparison is exact but as cheap as possible: guaranteed
-    error bounds from the same histogram (:func:`calibkit.histogram.squared_error_bounds`) settle it
-    when the best candidate's upper bound is below ``k = 0``'s lower bound; otherwise the best candidate
-    is quantize-dequantized on the batch, and ``k = 0`` too unless its lower bound already exceeds that
-    measured error. Hence, on its batch, ``mse`` never has a larger L2 error than ``min_max``, and usually
+    lower and upper error bounds of both clips, read from the same histogram with two dot products
+    (:func:`calibkit.histogram.squared_error_bound_tables`), settle it when they do not overlap;
+    otherwise the best candidate is quantize-dequantized on the batch, and ``k = 0`` too unless its
+    bounds already settle the comparison with that measured error. Hence, on its batch, ``mse`` never
+    has a larger L2 error than ``min_max``, and it usually
     costs one histogram pass plus at most one quantize-dequantize pass. The clip is moving-averaged.
     """
 
     name = "mse"
     SCORE_BINS = 2048
     MAX_SHRINK_PERCENT = 95
-    #: Score ratio (best / k = 0) below which the histogram lower bound of the k = 0 error is tried before
-    #: measuring it: the bound is about 0.82 of the true error at 2048 bins per side, so a best candidate
-    #: scoring under 0.8 of k = 0 is usually proven better without a second quantize-dequantize pass.
-    CLEAR_GAIN = 0.8
-    #: Below this many elements both errors are simply measured: two quantize-dequantize passes cost less
-    #: than evaluating the histogram bounds.
-    BOUNDS_MIN_NUMEL = 1 << 19
 
     def __init__(self, bits: int = 8, averaging_constant: float = 0.01, ch_axis: int | None = None, stride: int = 1):
         super().__init__(bits, averaging_constant, ch_axis)
@@ -423,8 +419,8 @@ class MSEObserver(_BatchClipObserver):
 
     def _batch_clip(self, x2d: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
         B = self.SCORE_BINS
-        counts = signed_histogram(x2d, amax, B)
-        scale0 = scale_from_amax(amax, self.bits)                                        # k = 0
+        minmax = self._tensor_minmax()
+        counts = signed_histogram(x2d, amax, B, nonnegative=minmax is not None and float(minmax[0]) >= 0)
         table, shrink, order = self._tables(amax.device)
         scored = counts.index_select(1, order)                                          # |x| bins: +, -
         # Bin [0, w) is left out of the scores: it holds the exact zeros (ReLU), which have no error
@@ -435,24 +431,50 @@ class MSEObserver(_BatchClipObserver):
         if not bool(best.any()):  # k = 0 (the min_max clip) scored best everywhere
             return amax
         best_clip = amax * shrink.index_select(0, best)
-        scale_best = scale_from_amax(best_clip, self.bits)
-        if x2d.numel() >= self.BOUNDS_MIN_NUMEL and \
-                bool((score.gather(1, best[:, None])[:, 0] < self.CLEAR_GAIN * score[:, 0]).all()):
-            # a clear gain is expected: try to prove it from the histogram alone (an upper bound of the
-            # best candidate's error below a lower bound of k = 0's), else measure the best candidate and
-            # compare it with k = 0's lower bound; k = 0 is measured only if neither proves it worse
-            lower0 = squared_error_bounds(counts, amax, scale0, self.bits)[0] * (1 - 1e-5)
-            upper_best = squared_error_bounds(counts, amax, scale_best, self.bits)[1]
-            if bool((upper_best * (1 + 1e-5) <= lower0).all()):
-                return best_clip
+        scale0, scale_best = scale_from_amax(amax, self.bits), scale_from_amax(best_clip, self.bits)
+        # The exact comparison "error(best) < error(k = 0)" per row, settled by the histogram's guaranteed
+        # error bounds where they do not overlap, else by measuring the errors (best first).
+        undecided = torch.ones_like(amax, dtype=torch.bool)
+        take_best = torch.zeros_like(undecided)
+        bounds = self._bounds(counts, amax, best, scale0, scale_best)
+        err_best = None
+        if bounds is not None:
+            lower0, upper0, lower_best, upper_best = bounds
+            take_best = upper_best * (1 + 1e-5) <= lower0
+            undecided = ~take_best & (lower_best < upper0 * (1 + 1e-5))
+            if not bool(undecided.any()):
+                return torch.where(take_best, best_clip, amax)
+            # Measuring the best candidate alone settles a row if its error falls outside k = 0's bounds. The
+            # scores estimate that error closely: where they predict it will not, measure both clips in one pass.
+            est_best = score.gather(1, best[:, None])[:, 0].double() * amax.double() ** 2
+            if bool(((est_best > lower0) & (est_best < upper0) & undecided).any()):
+                lower0 = upper0 = None
+        if bounds is not None and lower0 is not None:
             err_best = squared_errors(x2d, scale_best[:, None], self.bits)[:, 0]
-            if bool((err_best * (1 + 1e-5) <= lower0).all()):
-                return best_clip
-            err0 = squared_errors(x2d, scale0[:, None], self.bits)[:, 0]
-        else:
+            take_best = take_best | (undecided & (err_best * (1 + 1e-5) <= lower0))
+            undecided = undecided & ~take_best & (err_best < upper0 * (1 + 1e-5))
+            if not bool(undecided.any()):
+                return torch.where(take_best, best_clip, amax)
+        if err_best is None:
             both = squared_errors(x2d, torch.stack([scale0, scale_best], 1), self.bits)
             err0, err_best = both[:, 0], both[:, 1]
-        return torch.where(err_best < err0, best_clip, amax)
+        else:
+            err0 = squared_errors(x2d, scale0[:, None], self.bits)[:, 0]
+        return torch.where(undecided, torch.where(err_best < err0, best_clip, amax), torch.where(take_best, best_clip, amax))
+
+    def _bounds(self, counts, amax, best, scale0, scale_best):
+        """float64 ``[C]`` lower/upper error bounds of k = 0 and of the best candidate from the cached bound
+        tables (:func:`calibkit.histogram.squared_error_bound_tables`), or None where those do not apply
+        (a scale clamped at ``MIN_SCALE``, or ``bins / amax`` overflowing float32)."""
+        if not (bool((scale_best > MIN_SCALE).all()) and bool(torch.isfinite(self.SCORE_BINS / amax).all())):
+            return None
+        lo_t, hi_t = squared_error_bound_tables(self.bits, self.SCORE_BINS, self.shrinks, device=amax.device)
+        c = counts.double()
+        lo = torch.stack([c @ lo_t[0], (c * lo_t.index_select(0, best)).sum(1)], 1)        # [C, 2]: k = 0, best
+        hi = torch.stack([c @ hi_t[0], (c * hi_t.index_select(0, best)).sum(1)], 1)
+        s2 = torch.stack([scale0, scale_best], 1).double() ** 2
+        lo, hi = lo * s2, hi * s2
+        return lo[:, 0] * (1 - 1e-5), hi[:, 0], lo[:, 1], hi[:, 1]
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """On ``device``, built once per observer (not state): the float32 error table ``[2B, K]``, the

@@ -221,6 +221,27 @@ def test_error_bounds_enclose_the_exact_error(bits):
                 assert lower > 0.9 * exact and upper < 1.1 * exact  # fine bins relative to the step: tight
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8, 12])
+def test_bound_tables_equal_direct_bounds_and_enclose_the_exact_error(bits):
+    g = torch.Generator().manual_seed(9)
+    shrinks = tuple(1 - k / 100 for k in range(0, 96, 5))
+    lo_t, hi_t = H.squared_error_bound_tables(bits, 2048, shrinks)
+    assert lo_t.shape == hi_t.shape == (len(shrinks), 4096) and lo_t.dtype == torch.float64
+    assert H.squared_error_bound_tables(bits, 2048, shrinks)[0] is lo_t  # cached
+    for x in (torch.randn(40_000, generator=g) * 3.7, torch.randn(40_000, generator=g).relu() * 1e-3,
+              torch.randn(3_000, generator=g) ** 3 * 100):
+        amax = x.abs().max().reshape(1)
+        counts = H.signed_histogram(_rows(x), amax, 2048)
+        for k in (0, 1, 6, 19):
+            scale = scale_from_amax(amax * shrinks[k], bits)
+            lower, upper = ((counts.double() @ t[k]) * scale.double() ** 2 for t in (lo_t, hi_t))
+            ref_lo, ref_hi = H.squared_error_bounds(counts, amax, scale, bits)
+            torch.testing.assert_close(lower, ref_lo, rtol=2e-3, atol=0)  # wider margin only
+            torch.testing.assert_close(upper, ref_hi, rtol=2e-3, atol=0)
+            exact = float(((quantize_dequantize(x, scale, bits) - x).double() ** 2).sum())
+            assert 0 <= float(lower) <= exact <= float(upper)
+
+
 # ---------------------------------------------------------------- order statistics
 def test_abs_order_statistics_equal_full_sort_for_large_rows():
     g = torch.Generator().manual_seed(6)
