@@ -32,7 +32,8 @@ from .quant import qrange
 CPU_CHUNK = 1 << 17
 #: Elements per chunk on accelerators (a single pass for any realistic activation).
 DEVICE_CHUNK = 1 << 26
-#: int32 bin indices of this many elements are counted by one ``bincount`` call (on every device).
+#: int32 bin indices of this many elements are counted by one ``bincount`` call (where chunks are smaller:
+#: on CPU; an accelerator's chunk is counted on its own).
 STAGE_ELEMS = 1 << 20
 #: Largest ``bins`` accepted by the histogram observers.
 MAX_BINS = 1 << 20
@@ -129,7 +130,9 @@ def _binned_counts(x2d: torch.Tensor, mult: torch.Tensor, offset: float, length:
     counts = torch.zeros(lanes * C * length, dtype=torch.int64, device=x2d.device)
     # The int32 indices of consecutive chunks are staged in one buffer and counted together: one bincount
     # (and one allocation of its result) per STAGE_ELEMS elements instead of one per chunk.
-    stage = workspace("bins_stage", (STAGE_ELEMS,), torch.int32, x2d.device) if x2d.numel() > 2 * chunk_elems(x2d.device) else None
+    chunk = chunk_elems(x2d.device)  # a chunk holds < 1.5 * chunk elements (see column_chunks)
+    staged = 3 * chunk // 2 <= STAGE_ELEMS and x2d.numel() > 2 * chunk
+    stage = workspace("bins_stage", (STAGE_ELEMS,), torch.int32, x2d.device) if staged else None
     filled = 0
 
     def flush():

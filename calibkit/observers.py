@@ -137,6 +137,11 @@ class ObserverBase(nn.Module):
         """The current batch's (min, max) from the input check, for per-tensor observers; else None."""
         return getattr(self, "_batch_minmax", None) if self.ch_axis is None else None
 
+    def _batch_nonnegative(self) -> bool:
+        """True when the input check showed that the current batch has no negative value (per-tensor observers)."""
+        minmax = self._tensor_minmax()
+        return minmax is not None and float(minmax[0]) >= 0
+
     def _channels_first(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` reshaped to ``[C, N]`` along ``ch_axis`` (per-channel observers); row ``c`` holds
         ``x.select(ch_axis, c)`` in its own element order."""
@@ -381,9 +386,8 @@ class PercentileObserver(_BatchClipObserver):
         self.bins = check_int_range("bins", bins, 2, MAX_BINS)
 
     def _batch_clip(self, x2d: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
-        minmax = self._tensor_minmax()
-        nonneg = minmax is not None and float(minmax[0]) >= 0
-        return percentile_from_histogram(abs_histogram(x2d, amax, self.bins, nonneg), amax, self.percentile)
+        counts = abs_histogram(x2d, amax, self.bins, self._batch_nonnegative())
+        return percentile_from_histogram(counts, amax, self.percentile)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", percentile={self.percentile}, bins={self.bins}"
@@ -419,8 +423,7 @@ class MSEObserver(_BatchClipObserver):
 
     def _batch_clip(self, x2d: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
         B = self.SCORE_BINS
-        minmax = self._tensor_minmax()
-        counts = signed_histogram(x2d, amax, B, nonnegative=minmax is not None and float(minmax[0]) >= 0)
+        counts = signed_histogram(x2d, amax, B, nonnegative=self._batch_nonnegative())
         table, shrink, order = self._tables(amax.device)
         scored = counts.index_select(1, order)                                          # |x| bins: +, -
         # Bin [0, w) is left out of the scores: it holds the exact zeros (ReLU), which have no error
@@ -432,35 +435,31 @@ class MSEObserver(_BatchClipObserver):
             return amax
         best_clip = amax * shrink.index_select(0, best)
         scale0, scale_best = scale_from_amax(amax, self.bits), scale_from_amax(best_clip, self.bits)
-        # The exact comparison "error(best) < error(k = 0)" per row, settled by the histogram's guaranteed
-        # error bounds where they do not overlap, else by measuring the errors (best first).
-        undecided = torch.ones_like(amax, dtype=torch.bool)
-        take_best = torch.zeros_like(undecided)
+        # The exact comparison "error(best) < error(k = 0)" per row: settled by the histogram's guaranteed
+        # error bounds where they do not overlap, else by measuring the errors.
         bounds = self._bounds(counts, amax, best, scale0, scale_best)
-        err_best = None
-        if bounds is not None:
-            lower0, upper0, lower_best, upper_best = bounds
-            take_best = upper_best * (1 + 1e-5) <= lower0
-            undecided = ~take_best & (lower_best < upper0 * (1 + 1e-5))
-            if not bool(undecided.any()):
-                return torch.where(take_best, best_clip, amax)
+        if bounds is None:
+            both = squared_errors(x2d, torch.stack([scale0, scale_best], 1), self.bits)
+            return torch.where(both[:, 1] < both[:, 0], best_clip, amax)
+        lower0, upper0, lower_best, upper_best = bounds
+        take_best = upper_best * (1 + 1e-5) <= lower0
+        undecided = ~take_best & (lower_best < upper0 * (1 + 1e-5))
+        if bool(undecided.any()):
             # Measuring the best candidate alone settles a row if its error falls outside k = 0's bounds. The
             # scores estimate that error closely: where they predict it will not, measure both clips in one pass.
             est_best = score.gather(1, best[:, None])[:, 0].double() * amax.double() ** 2
             if bool(((est_best > lower0) & (est_best < upper0) & undecided).any()):
-                lower0 = upper0 = None
-        if bounds is not None and lower0 is not None:
-            err_best = squared_errors(x2d, scale_best[:, None], self.bits)[:, 0]
-            take_best = take_best | (undecided & (err_best * (1 + 1e-5) <= lower0))
-            undecided = undecided & ~take_best & (err_best < upper0 * (1 + 1e-5))
-            if not bool(undecided.any()):
-                return torch.where(take_best, best_clip, amax)
-        if err_best is None:
-            both = squared_errors(x2d, torch.stack([scale0, scale_best], 1), self.bits)
-            err0, err_best = both[:, 0], both[:, 1]
-        else:
-            err0 = squared_errors(x2d, scale0[:, None], self.bits)[:, 0]
-        return torch.where(undecided, torch.where(err_best < err0, best_clip, amax), torch.where(take_best, best_clip, amax))
+                both = squared_errors(x2d, torch.stack([scale0, scale_best], 1), self.bits)
+                err0, err_best = both[:, 0], both[:, 1]
+            else:
+                err_best = squared_errors(x2d, scale_best[:, None], self.bits)[:, 0]
+                take_best = take_best | (undecided & (err_best * (1 + 1e-5) <= lower0))
+                undecided = undecided & ~take_best & (err_best < upper0 * (1 + 1e-5))
+                if bool(undecided.any()):
+                    err0 = squared_errors(x2d, scale0[:, None], self.bits)[:, 0]
+            if bool(undecided.any()):
+                take_best = torch.where(undecided, err_best < err0, take_best)
+        return torch.where(take_best, best_clip, amax)
 
     def _bounds(self, counts, amax, best, scale0, scale_best):
         """float64 ``[C]`` lower/upper error bounds of k = 0 and of the best candidate from the cached bound

@@ -41,9 +41,8 @@ PROFILES = {
     "smoke": dict(width=(16, 32, 32), epochs=2, batch_size=128, lr=0.4, warmup_epochs=0.5, eval_every=1,
                   num_train=20000, num_test=2000, **_RECIPE),
 }
-_TRAIN_KEYS = ("batch_size", "lr", "momentum", "weight_decay", "label_smoothing", "warmup_epochs", "translate",
-               "head_lr_scale", "bias_lr_scale", "freeze_bn_weight", "bn_momentum", "logit_scale", "lookahead",
-               "alternate_flip", "whiten", "eval_every")
+# the profile entries that are ``train`` keywords (the others choose the model, the epochs and the data subset)
+_TRAIN_KEYS = tuple(k for k in PROFILES["full"] if k not in ("width", "epochs", "num_train", "num_test"))
 
 
 def _generator(seed: int) -> torch.Generator:
