@@ -4,8 +4,9 @@
     python benchmarks/train_float.py --profile smoke --seed 0 --out /tmp/smoke.pt
 
 Targets: full >= 91 % test accuracy in <= 40 min of training on 2 CPU cores; smoke > 50 % in <= 2 min.
-Also measures, in the same run, the training-step time of float32 against bfloat16 autocast (the peer the
-recipe's speed relies on) and prints their ratio. Writes the checkpoint to --out and a metrics JSON beside
+Also measures, in the same run, the training-step time of float32 against bfloat16 autocast, and of stages
+that pool after BN against pool-first stages (the two peers the recipe's speed relies on), and prints their
+ratios. Writes the checkpoint to --out and a metrics JSON beside
 it (same name, .json). Times on a shared machine are inflated by other processes: the load average at start
 and end is printed so the numbers can be read in context.
 """
@@ -29,10 +30,13 @@ from calibkit.train import (PROFILES, accuracy, bf16_supported, confusion_matrix
 TARGETS = {"full": (0.91, 40 * 60), "smoke": (0.50, 2 * 60)}
 
 
-def step_seconds(width, batch_size, amp, steps=3):
-    """Median seconds of one SGD step (forward, backward, update) on random data, channels-last."""
+def step_seconds(width, batch_size, amp, pool_first=False, steps=3):
+    """Median seconds of one SGD step (forward, backward, update) on random data, channels-last; ``pool_first``
+    sets ``Stage.pool_first`` (see ``calibkit.models.Stage``)."""
     torch.manual_seed(0)
     model = cifar_resnet(width).to(memory_format=torch.channels_last).train()
+    for stage in (model.stage1, model.stage2, model.stage3):
+        stage.pool_first = pool_first
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
     x = normalize(torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8)).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,))
@@ -59,7 +63,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's choice, one per core); on a machine shared with "
                          "other busy processes 1 thread can be several times faster than 2")
-    ap.add_argument("--no-peers", action="store_true", help="skip the float32 vs bfloat16 step-time comparison")
+    ap.add_argument("--no-peers", action="store_true", help="skip the step-time comparisons (float32 vs bfloat16, "
+                    "pool after BN vs pool first)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     out = pathlib.Path(args.out)
@@ -75,12 +80,17 @@ def main(argv=None):
 
     if not args.no_peers:
         fp32 = step_seconds(cfg["width"], cfg["batch_size"], amp=False)
-        if bf16_supported("cpu"):
+        amp = bf16_supported("cpu")
+        if amp:
             bf16 = step_seconds(cfg["width"], cfg["batch_size"], amp=True)
             print(f"step time at batch {cfg['batch_size']}: float32 {fp32:.3f} s, bf16 autocast {bf16:.3f} s, "
                   f"speed-up {fp32 / bf16:.2f}x", flush=True)
         else:
+            bf16 = fp32
             print(f"step time at batch {cfg['batch_size']}: float32 {fp32:.3f} s (no fast bf16 on this CPU)", flush=True)
+        first = step_seconds(cfg["width"], cfg["batch_size"], amp=amp, pool_first=True)
+        print(f"step time at batch {cfg['batch_size']} ({'bf16' if amp else 'float32'}): pool after BN {bf16:.3f} s, "
+              f"pool first {first:.3f} s, speed-up {bf16 / first:.2f}x", flush=True)
 
     model, hist = train_profile(ds, args.profile, seed=args.seed, epochs=args.epochs, progress=not args.no_progress)
     sub = profile_dataset(ds, args.profile, args.seed)
@@ -101,7 +111,7 @@ def main(argv=None):
                "hyperparameters": {k: hist[k] for k in ("batch_size", "lr", "momentum", "weight_decay", "label_smoothing",
                                                         "warmup_epochs", "translate", "head_lr_scale", "bias_lr_scale",
                                                         "freeze_bn_weight", "bn_momentum", "logit_scale", "lookahead",
-                                                        "alternate_flip", "whiten", "amp")},
+                                                        "alternate_flip", "whiten", "pool_first", "amp")},
                "arch": hist["arch"], "arch_kwargs": hist["arch_kwargs"], "load_average_end": os.getloadavg()[0]}
     save_checkpoint(out, model, {k: v for k, v in metrics.items() if k != "checkpoint"} | {"classes": ds.classes})
     out.with_suffix(".json").write_text(json.dumps(metrics, indent=2))

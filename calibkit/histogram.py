@@ -562,7 +562,7 @@ def squared_error_bound_tables(bits: int, bins_per_side: int, shrinks: tuple[flo
                          torch.device(device) if device is not None else torch.device("cpu"))
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=32)
 def _bound_tables(bits, B, shrinks, margin, device):
     qmin, qmax = qrange(bits)
     r = (qmax - qmin) / 2 / (B * torch.tensor(shrinks, dtype=torch.float64))

@@ -50,16 +50,30 @@ class Residual(nn.Module):
 
 
 class Stage(nn.Module):
-    """``conv-BN-ReLU (c_in → c_out) → MaxPool 2x2 → blocks × Residual``; halves H and W (floor)."""
+    """``conv-BN-ReLU (c_in → c_out) → MaxPool 2x2 → blocks × Residual``; halves H and W (floor).
+
+    ``pool_first`` (default False; ``calibkit.train.train`` switches it on while it trains): in training mode,
+    run ``conv → MaxPool → BN → ReLU`` instead, so BN and ReLU (forward and backward) touch 4x fewer elements.
+    BN then normalizes with the statistics of the pooled map. In eval mode the order is always
+    ``conv → BN → ReLU → MaxPool``, which is what fusion, calibration and conversion see; for a BN with a
+    positive weight (a per-channel increasing map) both orders give the same output, because max-pooling
+    commutes with increasing per-channel functions.
+    """
 
     def __init__(self, c_in: int, c_out: int, blocks: int = 1):
         super().__init__()
         self.conv = ConvBN(c_in, c_out)
         self.pool = nn.MaxPool2d(2)
         self.residual = nn.Sequential(*[Residual(c_out) for _ in range(blocks)])
+        self.pool_first = False
 
     def forward(self, x):
-        return self.residual(self.pool(self.conv(x)))
+        if self.training and self.pool_first:
+            c = self.conv
+            x = c.relu(c.bn(self.pool(c.conv(x))))
+        else:
+            x = self.pool(self.conv(x))
+        return self.residual(x)
 
 
 class CifarResNet(nn.Module):

@@ -131,3 +131,32 @@ def test_op_summary_counts_the_traced_ops():
     # stem + 3 stage convs + 3 residual convs; BN after each conv; one add per residual block
     assert kinds["Conv2d"] == 7 and kinds["BatchNorm2d"] == 7 and kinds["add"] == 3
     assert kinds["Linear"] == 1 and kinds["MaxPool2d"] == 3 and kinds["AdaptiveMaxPool2d"] == 1
+
+
+def test_pool_first_is_a_training_mode_order_with_the_same_eval_function():
+    torch.manual_seed(0)
+    model = _randomize_bn(cifar_resnet((16, 32, 32)))  # BN weights > 0
+    x = torch.randn(6, 3, 32, 32)
+    seen = []
+    model.stage2.conv.bn.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[-2:])))
+    with torch.no_grad():
+        model.eval()
+        ref = model(x)
+        for s in (model.stage1, model.stage2, model.stage3):
+            s.pool_first = True
+        out = model(x)                 # eval mode: conv -> BN -> ReLU -> pool whatever pool_first says
+        model.train()
+        model(x)                       # training mode: the BN sees the pooled map
+        model.stage2.pool_first = False
+        model(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert seen == [(15, 15), (15, 15), (7, 7), (15, 15)]
+    # with a positive BN scale, pooling first gives the same function (max-pool commutes with increasing maps)
+    stage = model.stage2.eval()
+    h = torch.randn(4, 16, 15, 15)
+    c = stage.conv
+    torch.testing.assert_close(c.relu(c.bn(stage.pool(c.conv(h)))), stage.pool(c(h)), rtol=0, atol=0)
+    # tracing (prepare, fusion) sees the eval-mode order
+    traced = torch.fx.symbolic_trace(model.eval())
+    order = [n.target for n in traced.graph.nodes if n.op == "call_module" and n.target.startswith("stage1.")]
+    assert order[:4] == ["stage1.conv.conv", "stage1.conv.bn", "stage1.conv.relu", "stage1.pool"]

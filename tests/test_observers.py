@@ -396,27 +396,49 @@ def test_fixed_scale_observer():
         make("fixed_scale", amax=-1.0)
 
 
-@pytest.mark.parametrize("case", ["proven_by_bounds", "measured"])
+@pytest.mark.parametrize("case", ["proven_by_bounds", "proven_by_fine_bins", "measured"])
 def test_mse_large_tensor_decision_equals_exact_comparison(monkeypatch, case):
     # The k = 0 vs best decision may be settled by histogram bounds: it must be exactly the decision two
     # exact measurements give, and the bounds must spare passes when they can.
     g = torch.Generator().manual_seed(11)
-    n = 600_000
-    if case == "proven_by_bounds":   # Student-t(3): clipping the extreme tail is a large, clear gain
+    n, bits = 600_000, 8
+    if case == "proven_by_bounds":      # Student-t(3): clipping the extreme tail is a large, clear gain
         z = torch.randn(4, n, generator=g)
         x = z[0] / (z[1:] ** 2).mean(0).sqrt()
-    else:                            # Gaussian: a small gain, not provable from the histogram
+    elif case == "proven_by_fine_bins":  # Gaussian: a smaller gain, provable only with the finer bound bins
         x = torch.randn(n, generator=g)
+    else:                               # uniform at 4 bits: the best candidate (k = 1) gains almost nothing
+        x, bits = torch.rand(n, generator=g) * 2 - 1, 4
     passes = []
     real = O.squared_errors
     monkeypatch.setattr(O, "squared_errors", lambda *a: passes.append(a[1].shape) or real(*a))
-    obs = make("mse")
+    obs = make("mse", bits=bits)
     obs(x)
     amax = float(x.abs().max())
     clip = float(obs.get_amax())
-    e_clip = l2(x, scale_from_amax(torch.tensor(clip)), 8)
-    e0 = l2(x, scale_from_amax(torch.tensor(amax)), 8)
+    e_clip = l2(x, scale_from_amax(torch.tensor(clip), bits), bits)
+    e0 = l2(x, scale_from_amax(torch.tensor(amax), bits), bits)
     if case == "proven_by_bounds":
         assert passes == [] and clip < 0.8 * amax and e_clip < 0.7 * e0
+    elif case == "proven_by_fine_bins":
+        assert passes == [] and clip < amax and e_clip < e0
+        monkeypatch.setattr(O.MSEObserver, "BOUND_REFINE", 1)  # bounds from the scoring bins: too loose here
+        coarse = make("mse", bits=bits)
+        coarse(x)
+        assert len(passes) >= 1 and float(coarse.get_amax()) == clip
     else:
         assert len(passes) >= 1 and (clip == amax or e_clip < e0)
+
+
+def test_signed_histogram_with_finer_bins_sums_back_exactly():
+    # MSEObserver scores a fine histogram summed back to SCORE_BINS: the nested bin edges make that sum
+    # exactly the coarse histogram, also for values on bin edges and for the nonnegative path
+    g = torch.Generator().manual_seed(12)
+    B = 64
+    for x, nonneg in ((torch.randn(3, 50_000, generator=g), False), (torch.randn(2, 50_000, generator=g).relu(), True),
+                      (torch.randint(-B, B + 1, (1, 40_000), generator=g) / B * 3.0, False)):
+        amax = x.abs().amax(1)
+        coarse = H.signed_histogram(x, amax, B, nonnegative=nonneg)
+        for refine in (2, 4):
+            fine = H.signed_histogram(x, amax, B * refine, nonnegative=nonneg)
+            assert torch.equal(fine.view(len(x), 2 * B, refine).sum(2), coarse)
