@@ -81,16 +81,15 @@ def main(argv=None):
     if not args.no_peers:
         fp32 = step_seconds(cfg["width"], cfg["batch_size"], amp=False)
         amp = bf16_supported("cpu")
+        after_bn = step_seconds(cfg["width"], cfg["batch_size"], amp=True) if amp else fp32  # the precision train uses
         if amp:
-            bf16 = step_seconds(cfg["width"], cfg["batch_size"], amp=True)
-            print(f"step time at batch {cfg['batch_size']}: float32 {fp32:.3f} s, bf16 autocast {bf16:.3f} s, "
-                  f"speed-up {fp32 / bf16:.2f}x", flush=True)
+            print(f"step time at batch {cfg['batch_size']}: float32 {fp32:.3f} s, bf16 autocast {after_bn:.3f} s, "
+                  f"speed-up {fp32 / after_bn:.2f}x", flush=True)
         else:
-            bf16 = fp32
             print(f"step time at batch {cfg['batch_size']}: float32 {fp32:.3f} s (no fast bf16 on this CPU)", flush=True)
         first = step_seconds(cfg["width"], cfg["batch_size"], amp=amp, pool_first=True)
-        print(f"step time at batch {cfg['batch_size']} ({'bf16' if amp else 'float32'}): pool after BN {bf16:.3f} s, "
-              f"pool first {first:.3f} s, speed-up {bf16 / first:.2f}x", flush=True)
+        print(f"step time at batch {cfg['batch_size']} ({'bf16' if amp else 'float32'}): pool after BN {after_bn:.3f} s, "
+              f"pool first {first:.3f} s, speed-up {after_bn / first:.2f}x", flush=True)
 
     model, hist = train_profile(ds, args.profile, seed=args.seed, epochs=args.epochs, progress=not args.no_progress)
     sub = profile_dataset(ds, args.profile, args.seed)
