@@ -1,9 +1,12 @@
-"""How fast can one batch be histogrammed? calibkit's torch-op histogram vs ``torch.histc`` vs a fused kernel.
+"""How fast can one batch be histogrammed? calibkit's compiled kernel and torch-op path vs ``torch.histc`` vs
+a kernel fused by ``torch.compile``.
 
 The ``kl`` observer's time on large activations is bound by building the histogram of ``|x|`` (see
 ``benchmarks/observers.py``). This script times, on the same ReLU-like tensor in one run:
 
-* ``calibkit``: ``calibkit.histogram.AccumulatingHistogram.add`` (min/max, scale, convert, 4-lane ``bincount``);
+* ``calibkit (kernel)``: ``calibkit.histogram.AccumulatingHistogram.add`` with the compiled one-pass kernel of
+  ``calibkit.native`` (bins, max and NaN/Inf check in one pass; skipped with the reason if it cannot be built);
+* ``calibkit (torch ops)``: the same call with ``CALIBKIT_NATIVE=0`` (min/max, scale, convert, 4-lane ``bincount``);
 * ``torch.histc``: what NVIDIA ModelOpt's ``HistogramCalibrator`` and torch's ``HistogramObserver`` build on;
 * ``torch.compile``: |x| * (1/width) -> int -> scatter-add fused into one loop by TorchInductor (needs a C++
   compiler on CPU; skipped with the reason if compilation fails). Its counts are checked to be identical to
@@ -15,10 +18,12 @@ It prints ms per batch (fastest of ``--repeat``) and the ratios to calibkit. Not
 """
 
 import argparse
+import os
 import time
 
 import torch
 
+from calibkit import native
 from calibkit.histogram import AccumulatingHistogram
 
 
@@ -55,9 +60,23 @@ def main(argv=None) -> None:
         return torch.zeros(length, dtype=torch.int64).index_add_(0, idx, torch.ones_like(idx))
 
     reference = hist.counts.clone()
-    running = AccumulatingHistogram(args.bins)  # one histogram fed batch after batch, as in calibration
-    rows = [("calibkit AccumulatingHistogram.add", best_ms(lambda: running.add(x), args.repeat), ""),
-            ("torch.histc (|x|, ModelOpt's way)", best_ms(lambda: torch.histc(x.abs(), length, 0, amax), args.repeat), "")]
+
+    def calibkit_ms(kernel: bool) -> tuple[float, str]:
+        os.environ["CALIBKIT_NATIVE"] = "1" if kernel else "0"
+        try:
+            running = AccumulatingHistogram(args.bins)  # one histogram fed batch after batch, as in calibration
+            running.add(x)
+            same = torch.equal(running.counts, reference)
+            return best_ms(lambda: running.add(x), args.repeat), f"counts identical: {same}"
+        finally:
+            del os.environ["CALIBKIT_NATIVE"]
+
+    rows = [("calibkit (torch ops)", *calibkit_ms(False))]
+    if native.available():
+        rows.insert(0, ("calibkit (compiled kernel)", *calibkit_ms(True)))
+    else:
+        rows.append(("calibkit (compiled kernel)", float("nan"), "unavailable (see calibkit.native)"))
+    rows.append(("torch.histc (|x|, ModelOpt's way)", best_ms(lambda: torch.histc(x.abs(), length, 0, amax), args.repeat), ""))
     try:
         compiled = torch.compile(fused, dynamic=False)
         t0 = time.perf_counter()
@@ -70,7 +89,7 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.numel:,} elements, {length} bins")
     base = rows[0][1]
     for name, ms, note in rows:
-        print(f"{name:<38} {ms:8.2f} ms   x{ms / base:5.2f} of calibkit   {note}")
+        print(f"{name:<38} {ms:8.2f} ms   x{ms / base:5.2f} of {rows[0][0]}   {note}")
 
 
 if __name__ == "__main__":

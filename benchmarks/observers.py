@@ -2,7 +2,8 @@
 
 All methods see the same tensors in one run. Per method and distribution it prints
 
-* ``collect ms/batch``: time spent observing one batch (for calibkit ``kl`` without its searches),
+* ``collect ms/batch``: time spent observing one batch (for calibkit ``kl`` without its searches; ``kl (torch
+  ops)`` is the same observer with the compiled counting kernel of ``calibkit.native`` switched off),
 * ``search ms``: total threshold-search time (calibkit ``kl``: all its searches inside ``forward``;
   peers: their final ``calculate_qparams`` / ``compute_amax``; other calibkit methods: reading qparams),
 * ``total s`` and ``SQNR dB``: signal-to-quantization-noise ratio of the chosen range (8-bit, scale =
@@ -33,11 +34,13 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+import os
 import time
 import warnings
 
 import torch
 
+from calibkit import native
 from calibkit.observers import get_observer_class
 from calibkit.quant import quantize_dequantize, scale_from_amax
 
@@ -118,8 +121,9 @@ class Method:
 class CalibkitMethod(Method):
     family = "calibkit"
 
-    def __init__(self, name: str, averaging_constant: float):
-        super().__init__(name)
+    def __init__(self, name: str, averaging_constant: float, kernel: bool = True):
+        super().__init__(name if kernel else f"{name} (torch ops)")
+        self.kernel = kernel
         self.obs = get_observer_class(name)(bits=BITS, averaging_constant=averaging_constant)  # other params: defaults
         self.inner_search_s = 0.0
         if name == "kl":  # kl searches inside forward: time them separately from the collection
@@ -132,7 +136,15 @@ class CalibkitMethod(Method):
             self.obs._search = timed_search
 
     def run(self, data):
-        amax = super().run(data)
+        before = os.environ.get("CALIBKIT_NATIVE")
+        os.environ["CALIBKIT_NATIVE"] = "1" if self.kernel else "0"  # read by calibkit.native on every use
+        try:
+            amax = super().run(data)
+        finally:
+            if before is None:
+                del os.environ["CALIBKIT_NATIVE"]
+            else:
+                os.environ["CALIBKIT_NATIVE"] = before
         self.collect_s -= self.inner_search_s
         self.search_s += self.inner_search_s
         return amax
@@ -236,6 +248,8 @@ def bench_one(name: str, data: list[torch.Tensor], mo_factory, repeat: int, c: f
     """Run every method on ``data``; calibkit and torch methods ``repeat`` times (fresh state each
     time, the fastest run is kept: the machine may be shared), ModelOpt once (its searches dominate)."""
     makers = [lambda n=n: CalibkitMethod(n, c) for n in CALIBKIT] + [TorchHistogram]
+    if native.available():  # the same kl observer without the compiled counting kernel, for its speed-up
+        makers.insert(CALIBKIT.index("kl") + 1, lambda: CalibkitMethod("kl", c, kernel=False))
     rows = []
     for make in makers:
         runs = []
@@ -284,6 +298,8 @@ def check_targets(rows: list[dict]) -> list[str]:
         if "ModelOpt entropy" in by:
             ratio = by["kl"]["total_s"] / by["ModelOpt entropy"]["total_s"]
             out.append(f"kl/ModelOpt-entropy time {ratio:.3f} {'ok' if ratio <= 0.1 else 'MISSED'}")
+        if "kl (torch ops)" in by:
+            out.append(f"kl kernel/torch-ops time {by['kl']['total_s'] / by['kl (torch ops)']['total_s']:.2f}")
         for m in ("mse", "mix"):
             d = by[m]["sqnr"] - best_peer["sqnr"]
             out.append(f"{m} SQNR - best peer ({best_peer['method']}) {d:+.2f} dB {'ok' if d >= -0.1 else 'MISSED'}")
@@ -322,6 +338,8 @@ def main(argv=None) -> list[dict]:
           f"{args.averaging_constant if args.averaging_constant is not None else '2/(batches+1)'}")
     if mo_note:
         print("note:", mo_note)
+    print("calibkit compiled histogram kernel:", f"on ({native.library_path()})" if native.available()
+          else "off (torch ops; see calibkit.native)")
     datasets = {d: synthetic_batches(d, args.batches, args.numel, args.seed + i)
                 for i, d in enumerate(args.dists.split(",")) if d}
     if args.checkpoint:

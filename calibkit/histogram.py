@@ -15,6 +15,10 @@ Bin conventions (``w`` = bin width):
 
 Searches over thresholds are vectorized over all candidates (prefix sums over the histogram); no
 Python loop over bins anywhere.
+
+On a CPU, single-row histograms of ``|x|`` are counted by the compiled one-pass kernel of
+:mod:`calibkit.native` when it is available (the same counts as the torch-ops path, which is the fallback and
+the path on accelerators).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import threading
 import numpy as np
 import torch
 
+from . import native
+from .errors import CalibrationError
 from .quant import qrange
 
 #: Elements per chunk on CPU (512 KiB of float32: the chunk and its work buffers stay in L2 cache).
@@ -39,6 +45,9 @@ STAGE_ELEMS = 1 << 20
 MAX_BINS = 1 << 20
 #: :class:`AccumulatingHistogram` never holds more than ``MAX_LENGTH_FACTOR * bins`` bins.
 MAX_LENGTH_FACTOR = 8
+#: When a batch grows the range of an :class:`AccumulatingHistogram`, up to this many values beyond the old range
+#: are kept by the compiled kernel and binned alone (the rest of the batch is not binned a second time).
+OVER_KEEP = 1 << 16
 
 
 #: Interleaved histogram copies used when counting one row (see :func:`_binned_counts`).
@@ -116,6 +125,13 @@ def _binned_counts(x2d: torch.Tensor, mult: torch.Tensor, offset: float, length:
     # bins / amax overflows float32 only for amax < ~1e-35 (far below any usable scale): such rows
     # put all their non-zero values in the last bin
     overflow = not bool(torch.isfinite(mult).all())
+    if C == 1 and absolute and offset == 0.0 and per_chunk is None and not overflow and float(mult) > 0 \
+            and native.usable(x2d):  # one pass of the compiled kernel: the same counts
+        counts, over, nonfinite, _, _ = native.abs_counts(x2d, float(mult), length)
+        if over or nonfinite:
+            raise ValueError(f"{over + nonfinite} values fall outside the {length} bins: the caller must pass "
+                             "finite values and a range that holds them")
+        return counts.to(x2d.device).reshape(1, length)
     # One row: consecutive elements are counted in LANES interleaved copies of the histogram (summed at
     # the end). A bin hit by long runs of equal values (the exact zeros of a ReLU) is then not one
     # counter incremented back to back, which serializes on the memory dependency (~1.5x slower).
@@ -342,20 +358,46 @@ class AccumulatingHistogram:
         self.counts = c.view(-1, 2).sum(1)
         self.width *= 2
 
-    def add(self, x: torch.Tensor, minmax: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """Add the values of ``x`` (any shape, finite; binned in float32).
+    def add(self, x: torch.Tensor, minmax: tuple[torch.Tensor, torch.Tensor] | None = None,
+            owner: str = "AccumulatingHistogram") -> None:
+        """Add the values of ``x`` (any shape; binned in float32).
 
-        ``minmax``: ``x``'s (min, max) if the caller already has them (saves a pass)."""
+        ``minmax``: ``x``'s (min, max) if the caller already has them (saves a pass). Without it, once the
+        histogram has started, a CPU float32 ``x`` is binned by the compiled kernel (:mod:`calibkit.native`)
+        in one pass that also finds its largest ``|x|``. Non-finite values raise
+        :class:`~calibkit.errors.CalibrationError` (naming the NaN and Inf counts; ``owner`` starts the
+        message) and leave the histogram unchanged."""
         x2d = x.detach().reshape(1, -1).to(torch.float32)
         n = x2d.shape[1]
         if n == 0:
             return
-        lo, hi = torch.aminmax(x2d) if minmax is None else minmax
-        amax = max(-float(lo), float(hi))
-        self.total += n
-        self.max_value = max(self.max_value, amax)
         if self.counts is not None and self.counts.device != x2d.device:  # the observer moved devices
             self.counts = self.counts.to(x2d.device)
+        if minmax is None and self.native_ready(x2d):
+            counts, over, nonfinite, amax, beyond = native.abs_counts(x2d, 1.0 / self.width, len(self), OVER_KEEP)
+            if nonfinite:
+                raise nonfinite_error(owner, x.detach())
+            if over:  # values beyond the current range: grow (exactly)
+                width = self.width
+                self._cover(amax)
+                if beyond is None:  # many of them: bin everything again at the new width
+                    counts = native.abs_counts(x2d, 1.0 / self.width, len(self))[0]
+                else:  # few: bring the counts to the new width (exact pair sums), then add those values
+                    while width < self.width:
+                        counts = torch.cat([counts, counts.new_zeros(counts.numel() % 2)]).view(-1, 2).sum(1)
+                        width *= 2
+                    counts = torch.cat([counts, counts.new_zeros(len(self) - counts.numel())])
+                    counts += native.abs_counts(beyond, 1.0 / self.width, len(self))[0]
+            self.counts += counts
+            self.total += n
+            self.max_value = max(self.max_value, amax)
+            return
+        lo, hi = torch.aminmax(x2d) if minmax is None else minmax
+        amax = max(-float(lo), float(hi))
+        if not math.isfinite(amax):
+            raise nonfinite_error(owner, x.detach())
+        self.total += n
+        self.max_value = max(self.max_value, amax)
         if self.counts is None:
             if amax == 0.0:
                 self._zeros_before_start += n
@@ -363,20 +405,38 @@ class AccumulatingHistogram:
             self.width = math.ldexp(1.0, self._exponent_for(amax))
             self.counts = torch.zeros(1, dtype=torch.int64, device=x2d.device)
             self.counts[0] = self._zeros_before_start
+        self._cover(amax)
+        inv = torch.tensor([1.0 / self.width], dtype=torch.float32, device=x2d.device)  # exact power of two
+        self.counts += _binned_counts(x2d, inv, 0.0, len(self), absolute=True, nonnegative=float(lo) >= 0)[0]
+
+    def native_ready(self, x: torch.Tensor) -> bool:
+        """True when ``add(x)`` without ``minmax`` takes the one-pass compiled path (the histogram has started,
+        ``x`` is a CPU float32 tensor and the kernel is available)."""
+        return self.counts is not None and native.usable(x)
+
+    def _cover(self, amax: float) -> None:
+        """Extend the histogram (empty bins at the same width) so that ``amax`` falls in it, first merging pairs
+        (width doubles) while the needed length would exceed ``max_length``. Both steps are exact."""
         needed = math.floor(amax / self.width) + 1
         while needed > self.max_length:
             self._merge_pairs()
             needed = math.floor(amax / self.width) + 1
         if needed > len(self):
             self.counts = torch.cat([self.counts, self.counts.new_zeros(needed - len(self))])
-        inv = torch.tensor([1.0 / self.width], dtype=torch.float32, device=x2d.device)  # exact power of two
-        self.counts += _binned_counts(x2d, inv, 0.0, len(self), absolute=True, nonnegative=float(lo) >= 0)[0]
+
+
+def nonfinite_error(owner: str, x: torch.Tensor) -> CalibrationError:
+    """The error for an input with NaN/Inf values, naming how many of each (the same text for every observer)."""
+    n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+    return CalibrationError(
+        f"{owner}: input contains {n_nan} NaN and {n_inf} Inf values (shape {tuple(x.shape)}); "
+        "only finite activations can be calibrated -- check the model / data for overflow")
 
 
 # --------------------------------------------------------------------------------------------
 # KL (TensorRT-style entropy) threshold search
 # --------------------------------------------------------------------------------------------
-def kl_divergences(hist: torch.Tensor, num_levels: int, max_block: int = 1 << 19) -> torch.Tensor:
+def kl_divergences(hist: torch.Tensor, num_levels: int, max_block: int = 1 << 17) -> torch.Tensor:
     """KL(P_i || Q_i) for every candidate threshold ``i = num_levels .. L`` (bins kept).
 
     ``hist``: counts ``[L]`` of ``|x|`` (bin 0 starting at 0). For candidate ``i``:
@@ -391,9 +451,9 @@ def kl_divergences(hist: torch.Tensor, num_levels: int, max_block: int = 1 << 19
 
     All candidates are evaluated with prefix sums: for each candidate the group sums come from
     ``cumsum(hist)`` at the group boundaries, so the cost is ``O(L * num_levels)`` arithmetic in
-    blocks of ``max_block`` entries, without a Python loop over bins. Candidates known to be ``inf``
-    (empty last bin with clipped mass) are skipped when they are the majority (sparse histograms,
-    e.g. rare far outliers). Returns float64 ``[L - num_levels + 1]``.
+    blocks of about ``max_block`` entries (small enough to stay in cache), without a Python loop over
+    bins. Candidates known to be ``inf`` (empty last bin with clipped mass) are skipped when they are
+    the majority (sparse histograms, e.g. rare far outliers). Returns float64 ``[L - num_levels + 1]``.
     """
     h = hist.to(torch.float64).reshape(-1)
     L, nq = h.numel(), int(num_levels)
@@ -404,49 +464,67 @@ def kl_divergences(hist: torch.Tensor, num_levels: int, max_block: int = 1 << 19
     N = h.sum()
     csum = torch.cat([zero, h.cumsum(0)])                          # csum[i] = sum(h[:i])
     nz = torch.cat([zero, (h > 0).to(torch.float64).cumsum(0)])    # non-empty bins before i
-    both = torch.stack([csum, nz], 1)                              # gathered together
     hl_cum = torch.cat([zero, torch.xlogy(h, h).cumsum(0)])        # sum(h log h) before i
     logN = torch.log(N)
 
-    def block(i: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-        MZ = both.index_select(0, bounds).view(-1, nq + 1, 2).diff(dim=1)
-        M, Z = MZ[..., 0], MZ[..., 1]                                       # group sums, non-empty bins
-        MlogQ = (M * torch.log(M.clamp(min=1) / Z.clamp(min=1))).sum(1)     # sum_g M log(M / Z); M, Z integers
-        h_last = h.index_select(0, i - 1)
-        logq_last = torch.where(h_last > 0, torch.log(M[:, -1].clamp(min=1e-300) / Z[:, -1].clamp(min=1)), 0.0)
-        Ci = csum.index_select(0, i)
-        logC = torch.log(Ci.clamp(min=1e-300))
-        # bins j < i-1:  sum h_j [log h_j - log N - log Qu_j + log C_i]   (Qu = unnormalized Q)
-        body = hl_cum.index_select(0, i - 1) - (Ci - h_last) * (logN - logC) - (MlogQ - h_last * logq_last)
-        p_last = h_last + (N - Ci)
-        last = torch.where(p_last > 0, p_last * (torch.log(p_last.clamp(min=1e-300)) - logN - logq_last + logC), 0.0)
-        kl = (body + last) / N
-        kl = torch.where((h_last == 0) & (p_last > 0), torch.inf, kl)
-        return torch.where(Ci > 0, kl, torch.inf)
-
-    step = max(1, max_block // (nq + 1))
     cand = torch.arange(nq, L + 1, device=dev, dtype=torch.int64)
+    Ci, h_last = csum.index_select(0, cand), h.index_select(0, cand - 1)
     # a candidate whose last kept bin is empty while values are clipped has KL = inf (q = 0 < p)
-    finite = ((h.index_select(0, cand - 1) > 0) | (csum.index_select(0, cand) == N)) & (csum.index_select(0, cand) > 0)
-    keep = torch.nonzero(finite)[:, 0]
-    if 2 * keep.numel() >= cand.numel():  # dense histogram: contiguous blocks, cached boundaries
-        return torch.cat([block(cand[lo - nq:hi - nq], _group_bounds(lo, hi, nq, dev))
-                          for lo in range(nq, L + 1, step) for hi in [min(L + 1, lo + step)]])
-    out = torch.full((cand.numel(),), torch.inf, dtype=torch.float64, device=dev)  # sparse: finite ones only
+    finite = ((h_last > 0) | (Ci == N)) & (Ci > 0)
+    keep = None
+    if 2 * int(finite.sum()) < cand.numel():                        # sparse: evaluate the finite ones only
+        keep = torch.nonzero(finite)[:, 0]
+        cand, Ci, h_last = (t.index_select(0, keep) for t in (cand, Ci, h_last))
+    # sum over groups of M log(M / Z) (M: group sum, Z: its non-empty bins; both integers, 0 log 0 = 0)
+    MlogQ = torch.empty(cand.numel(), dtype=torch.float64, device=dev)
+    step = max(1, max_block // (nq + 1))
+    for lo in range(0, cand.numel(), step):
+        b = _group_bounds(cand[lo:lo + step], nq, contiguous=keep is None).reshape(-1)  # [rows * (nq + 1)]
+        Mb = csum.index_select(0, b).view(-1, nq + 1)
+        Zb = nz.index_select(0, b).view(-1, nq + 1)
+        M = Mb[:, 1:] - Mb[:, :-1]
+        Z = (Zb[:, 1:] - Zb[:, :-1]).clamp_(min=1)
+        torch.sum(M.clamp(min=1).div_(Z).log_().mul_(M), 1, out=MlogQ[lo:lo + step])
+    last_lo = ((nq - 1) * cand + (nq - 1)) // nq                    # first bin of the last group
+    M_last = Ci - csum.index_select(0, last_lo)
+    Z_last = nz.index_select(0, cand) - nz.index_select(0, last_lo)
+    logq_last = torch.where(h_last > 0, torch.log(M_last.clamp(min=1e-300) / Z_last.clamp(min=1)), 0.0)
+    logC = torch.log(Ci.clamp(min=1e-300))
+    # bins j < i-1:  sum h_j [log h_j - log N - log Qu_j + log C_i]   (Qu = unnormalized Q)
+    body = hl_cum.index_select(0, cand - 1) - (Ci - h_last) * (logN - logC) - (MlogQ - h_last * logq_last)
+    p_last = h_last + (N - Ci)
+    last = torch.where(p_last > 0, p_last * (torch.log(p_last.clamp(min=1e-300)) - logN - logq_last + logC), 0.0)
+    kl = (body + last) / N
+    kl = torch.where((h_last == 0) & (p_last > 0), torch.inf, kl)
+    kl = torch.where(Ci > 0, kl, torch.inf)
+    if keep is None:
+        return kl
+    return torch.full((L - nq + 1,), torch.inf, dtype=torch.float64, device=dev).index_copy_(0, keep, kl)
+
+
+#: Candidates up to this many bins take their group boundaries from a cached table (at most ~17 MB for 8-bit).
+BOUNDS_TABLE_BINS = 1 << 14
+_bounds_tables: dict = {}
+
+
+def _group_bounds(cand: torch.Tensor, nq: int, contiguous: bool = False) -> torch.Tensor:
+    """int64 ``[len(cand), nq + 1]``: the group boundaries ``ceil(g * i / nq)``, ``g = 0 .. nq``, of each
+    candidate ``i`` in ``cand`` (int64, ascending, ``nq <= i``). They do not depend on the data, so for ``i <=
+    BOUNDS_TABLE_BINS`` they are rows of one table per ``(nq, device)``, built once (a view of the table when
+    ``contiguous`` promises that ``cand`` is a run of consecutive integers)."""
+    dev = cand.device
     g = torch.arange(nq + 1, device=dev, dtype=torch.int64)
-    for start in range(0, keep.numel(), step):
-        i = cand.index_select(0, keep[start:start + step])
-        out.index_copy_(0, keep[start:start + step], block(i, ((g[None, :] * i[:, None] + (nq - 1)) // nq).reshape(-1)))
-    return out
-
-
-@functools.lru_cache(maxsize=16)
-def _group_bounds(lo: int, hi: int, nq: int, device: torch.device) -> torch.Tensor:
-    """Flattened ``[hi - lo, nq + 1]`` group boundaries ``ceil(g * i / nq)`` for candidates ``i`` in
-    ``[lo, hi)`` (data independent: cached across searches)."""
-    g = torch.arange(nq + 1, device=device, dtype=torch.int64)
-    i = torch.arange(lo, hi, device=device, dtype=torch.int64)
-    return ((g[None, :] * i[:, None] + (nq - 1)) // nq).reshape(-1)
+    if cand.numel() == 0 or int(cand[-1]) > BOUNDS_TABLE_BINS:  # cand is ascending
+        return (g[None, :] * cand[:, None] + (nq - 1)) // nq
+    key = (nq, dev)
+    table = _bounds_tables.get(key)
+    if table is None:
+        i = torch.arange(nq, max(BOUNDS_TABLE_BINS, nq) + 1, device=dev, dtype=torch.int64)
+        table = _bounds_tables[key] = (g[None, :] * i[:, None] + (nq - 1)) // nq
+    if contiguous:
+        first = int(cand[0]) - nq
+        return table[first:first + cand.numel()]
+    return table.index_select(0, cand - nq)
 
 
 def kl_threshold_bins(hist: torch.Tensor, num_levels: int) -> int:

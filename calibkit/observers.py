@@ -55,8 +55,8 @@ from torch import nn
 
 from .errors import CalibrationError
 from .histogram import (MAX_BINS, AccumulatingHistogram, abs_histogram, abs_order_statistics, column_chunks,
-                        kl_threshold_bins, percentile_from_histogram, percentile_ranks, signed_histogram,
-                        squared_error_bound_tables, squared_error_table, workspace)
+                        kl_threshold_bins, nonfinite_error, percentile_from_histogram, percentile_ranks,
+                        signed_histogram, squared_error_bound_tables, squared_error_table, workspace)
 from .quant import MIN_SCALE, check_bits, qrange, scale_from_amax
 
 
@@ -123,16 +123,21 @@ class ObserverBase(nn.Module):
             raise CalibrationError(f"{type(self).__name__}: received an empty tensor (shape {tuple(x.shape)}); calibration batches must contain data")
         if not x.is_floating_point():
             x = x.float()
-        lo, hi = torch.aminmax(x)  # NaN propagates; cheaper than a full isfinite() mask
-        self._batch_minmax = (lo, hi)  # reused by per-tensor observers (not state)
-        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
-            n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
-            raise CalibrationError(
-                f"{type(self).__name__}: input contains {n_nan} NaN and {n_inf} Inf values (shape {tuple(x.shape)}); "
-                "only finite activations can be calibrated -- check the model / data for overflow")
+        if self._scans_input(x):  # the observer's own pass finds NaN/Inf (and raises the same error)
+            self._batch_minmax = None
+        else:
+            lo, hi = torch.aminmax(x)  # NaN propagates; cheaper than a full isfinite() mask
+            self._batch_minmax = (lo, hi)  # reused by per-tensor observers (not state)
+            if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+                raise nonfinite_error(type(self).__name__, x)
         if self.ch_axis is not None and not (-x.dim() <= self.ch_axis < x.dim()):
             raise ValueError(f"ch_axis={self.ch_axis} is out of range for a {x.dim()}-d tensor")
         return x
+
+    def _scans_input(self, x: torch.Tensor) -> bool:
+        """True when ``_observe(x)`` itself detects NaN/Inf (raising :func:`~calibkit.histogram.nonfinite_error`)
+        without needing the batch min/max, so the input check skips its min/max pass (default: False)."""
+        return False
 
     def _tensor_minmax(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The current batch's (min, max) from the input check, for per-tensor observers; else None."""
@@ -592,8 +597,12 @@ class KLObserver(ObserverBase):
         self.register_buffer("searches", torch.tensor(0, dtype=torch.int64))
         self.histogram = AccumulatingHistogram(self.bins)
 
+    def _scans_input(self, x: torch.Tensor) -> bool:
+        # after the first batch, the compiled kernel bins a CPU float32 batch and finds its max and NaN/Inf in one pass
+        return self.histogram.native_ready(x)
+
     def _observe(self, x: torch.Tensor) -> None:
-        self.histogram.add(x, self._tensor_minmax())
+        self.histogram.add(x, self._tensor_minmax(), owner=type(self).__name__)
         if (int(self.steps) + 1) % self.update_interval == 0:
             self._search()
 

@@ -59,8 +59,8 @@ def _reflect(idx: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, flip: bool = True, translate: int = 2,
-            flip_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Random flip + translate a batch; returns a new tensor of the same shape, dtype and device.
+            flip_mask: torch.Tensor | None = None, cutout: int = 0, cutout_fill=None) -> torch.Tensor:
+    """Random flip + translate (+ cutout) a batch; returns a new tensor of the same shape, dtype and device.
 
     Args:
         images: ``[N, C, H, W]`` tensor (any dtype; uint8 in training).
@@ -71,7 +71,10 @@ def augment(images: torch.Tensor, generator: torch.Generator, flip: bool = True,
         translate: shift each image by an integer offset drawn uniformly from ``[-translate, translate]``
             pixels, independently in x and y; pixels shifted in come from reflect padding
             (``out[y, x] = in[reflect(y + dy), reflect(x + dx)]``). 0 disables it.
-    The flip is applied after the shift. Labels are unaffected.
+        cutout: side (pixels) of a square set to ``cutout_fill`` in every image, centred on a pixel drawn
+            uniformly (the square may be cut by the border; DeVries & Taylor 2017). 0 (default) disables it
+            and draws no random numbers. cutout_fill: per-channel values (length C) or None for 0.
+    The flip is applied after the shift, cutout last. Labels are unaffected.
     """
     if images.ndim != 4:
         raise ValueError(f"images has shape {tuple(images.shape)}: expected [N, C, H, W]")
@@ -90,9 +93,21 @@ def augment(images: torch.Tensor, generator: torch.Generator, flip: bool = True,
     elif flip:
         mirrored = torch.rand(n, generator=generator) < 0.5
         cols = torch.where(mirrored[:, None], cols.flip(1), cols)
+    if not 0 <= int(cutout) <= min(h, w):
+        raise ValueError(f"cutout={cutout} is out of range: use an integer in [0, {min(h, w)}]")
     dev = images.device
-    return images[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
-                  rows.to(dev)[:, None, :, None], cols.to(dev)[:, None, None, :]]
+    out = images[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                 rows.to(dev)[:, None, :, None], cols.to(dev)[:, None, None, :]]
+    if cutout:
+        lo_y = torch.randint(0, h, (n, 1), generator=generator) - cutout // 2
+        lo_x = torch.randint(0, w, (n, 1), generator=generator) - cutout // 2
+        in_y = (torch.arange(h)[None] >= lo_y) & (torch.arange(h)[None] < lo_y + cutout)   # [n, h]
+        in_x = (torch.arange(w)[None] >= lo_x) & (torch.arange(w)[None] < lo_x + cutout)   # [n, w]
+        mask = (in_y[:, None, :, None] & in_x[:, None, None, :]).to(dev)
+        fill = torch.zeros((), dtype=images.dtype, device=dev) if cutout_fill is None else \
+            torch.as_tensor(cutout_fill, device=dev).to(images.dtype).reshape(1, c, 1, 1)
+        out = torch.where(mask, fill, out)
+    return out
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -205,7 +220,8 @@ def _check_positive(**values):
 
 def train(model, ds, epochs: int, batch_size: int = 1024, lr: float = 1.5, seed: int = 0, *, momentum: float = 0.85,
           weight_decay: float = 1.3e-3, label_smoothing: float = 0.2, warmup_epochs: float = 2.0, flip: bool = True,
-          alternate_flip: bool = True, translate: int = 2, head_lr_scale: float = 1.0, bias_lr_scale: float = 64.0,
+          alternate_flip: bool = True, translate: int = 2, cutout: int = 0, head_lr_scale: float = 1.0,
+          bias_lr_scale: float = 64.0,
           freeze_bn_weight: bool = True, bn_momentum: float | None = 0.4, logit_scale: float = 1 / 9,
           lookahead: bool = True, whiten: bool = True, pool_first: bool | None = None, amp: bool | None = None,
           eval_every: int = 1, tta: bool = False, eval_batch_size: int = 1000, progress: bool = True) -> dict:
@@ -225,7 +241,8 @@ def train(model, ds, epochs: int, batch_size: int = 1024, lr: float = 1.5, seed:
             each group's coefficient is divided by its lr factor, so every tensor decays by the same
             ``lr * weight_decay`` fraction per step whatever its lr factor.
         label_smoothing: in [0, 1).
-        flip / translate: augmentation, see ``augment``. alternate_flip: with ``flip``, every image is mirrored
+        flip / translate / cutout: augmentation, see ``augment`` (cutout fills with the mean training pixel).
+            alternate_flip: with ``flip``, every image is mirrored
             at random in the first epoch and then exactly in every other epoch (each epoch sees the view the
             previous one did not), instead of a fresh coin per epoch.
         head_lr_scale: lr factor (> 0) for the final ``nn.Linear``. bias_lr_scale: lr factor (> 0) for the
@@ -324,6 +341,8 @@ def train(model, ds, epochs: int, batch_size: int = 1024, lr: float = 1.5, seed:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, total, warmup))
     slow = _Lookahead(model) if lookahead else None
     base_flips = torch.rand(n, generator=gen) < 0.5 if flip and alternate_flip else None
+    # cutout fills with the mean training pixel (about 0 after normalization)
+    fill = images[:5000].to(torch.float32).mean((0, 2, 3)).round().to(images.dtype) if cutout else None
 
     hist = {k: [] for k in ("epoch", "train_loss", "train_accuracy", "test_accuracy", "epoch_seconds", "eval_seconds")}
     bar = tqdm(total=total, desc="train", disable=not progress)
@@ -336,7 +355,8 @@ def train(model, ds, epochs: int, batch_size: int = 1024, lr: float = 1.5, seed:
             correct = torch.zeros((), device=dev, dtype=torch.int64)
             for idx in order:
                 mask = None if base_flips is None else base_flips[idx] ^ (epoch % 2 == 0)
-                xb = augment(images[idx].to(dev), gen, flip=flip, translate=translate, flip_mask=mask)
+                xb = augment(images[idx].to(dev), gen, flip=flip, translate=translate, flip_mask=mask, cutout=cutout,
+                             cutout_fill=fill)
                 yb = labels[idx].to(dev)
                 x = normalize(xb).contiguous(memory_format=torch.channels_last)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
@@ -387,7 +407,7 @@ def train(model, ds, epochs: int, batch_size: int = 1024, lr: float = 1.5, seed:
     hist.update(train_seconds=sum(hist["epoch_seconds"]), test_accuracy_final=hist["test_accuracy"][-1], steps=total,
                 epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, momentum=momentum, weight_decay=weight_decay,
                 label_smoothing=label_smoothing, warmup_epochs=warmup_epochs, flip=flip, alternate_flip=alternate_flip,
-                translate=translate, head_lr_scale=head_lr_scale, bias_lr_scale=bias_lr_scale,
+                translate=translate, cutout=cutout, head_lr_scale=head_lr_scale, bias_lr_scale=bias_lr_scale,
                 freeze_bn_weight=freeze_bn_weight, bn_momentum=bn_momentum, logit_scale=logit_scale, lookahead=lookahead,
                 whiten=whiten, pool_first=pool_first, amp=amp, tta=tta, num_train=n, num_test=len(ds.test_images))
     return hist

@@ -13,6 +13,14 @@ from calibkit.quant import quantize_dequantize, scale_from_amax
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(autouse=True, params=["kernel", "torch-ops"])
+def counting_path(request, monkeypatch):
+    """Every test here runs twice: with the compiled counting kernel (calibkit.native, where it can be built)
+    and with the torch-ops path."""
+    monkeypatch.setenv("CALIBKIT_NATIVE", "1" if request.param == "kernel" else "0")
+    return request.param
+
+
 def _rows(x):
     return x.reshape(1, -1).float()
 
@@ -162,6 +170,25 @@ def test_kl_divergences_match_slow_reference_on_random_histograms():
         assert np.array_equal(np.isinf(ref), np.isinf(got))
         fin = np.isfinite(ref)
         np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_kl_group_bounds_from_the_table_equal_computed_ones(sparse, monkeypatch):
+    # candidates beyond BOUNDS_TABLE_BINS compute their group boundaries instead of reading the cached table
+    g = torch.Generator().manual_seed(6)
+    h = (torch.rand(3000, generator=g) * 500).long()
+    if sparse:
+        h[400:] = 0
+        h[[900, 2999]] = 1
+    table = H.kl_divergences(h, 128)
+    monkeypatch.setattr(H, "BOUNDS_TABLE_BINS", 1000)  # candidates above 1000 bins: computed
+    mixed = H.kl_divergences(h, 128, max_block=129 * 700)  # a block that straddles the limit
+    assert torch.equal(torch.isinf(table), torch.isinf(mixed))
+    fin = torch.isfinite(table)
+    assert torch.allclose(table[fin], mixed[fin], rtol=1e-12, atol=0)
+    bounds = H._group_bounds(torch.tensor([128, 999, 1000, 1001, 2900]), 128)
+    i = torch.tensor([128, 999, 1000, 1001, 2900])[:, None]
+    assert torch.equal(bounds, -((-torch.arange(129) * i) // 128))  # ceil(g * i / nq)
 
 
 def test_kl_threshold_on_gaussian_matches_reference():

@@ -76,6 +76,25 @@ def test_augment_rejects_bad_translate():
         augment(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.Generator(), translate=4)
 
 
+def test_augment_cutout_fills_one_square_per_image():
+    x = torch.full((200, 3, 10, 10), 250, dtype=torch.uint8)
+    y = augment(x, torch.Generator().manual_seed(4), flip=False, translate=0, cutout=4, cutout_fill=(7, 8, 9))
+    for c, v in enumerate((7, 8, 9)):
+        assert torch.equal(y[:, c] == v, y[:, 0] == 7)  # the same square in every channel, with its own fill
+    sizes = set()
+    for i in range(len(x)):
+        ys, xs = torch.nonzero(y[i, 0] == 7, as_tuple=True)
+        h, w = int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
+        assert len(ys) == h * w and h <= 4 and w <= 4  # one axis-aligned rectangle, at most 4 x 4
+        assert torch.all((y[i, 0] == 7) | (y[i, 0] == 250))
+        sizes.add((h, w))
+    assert (4, 4) in sizes and len(sizes) > 3  # whole squares inside, cut ones at the border
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(augment(x, g1, cutout=0), augment(x, g2))  # cutout=0 draws nothing: same stream as before
+    with pytest.raises(ValueError, match=r"cutout=11 is out of range: use an integer in \[0, 10\]"):
+        augment(x, torch.Generator(), cutout=11)
+
+
 def test_lr_multiplier_shape():
     vals = [lr_multiplier(s, 10, 4) for s in range(10)]
     assert vals[:4] == [0.25, 0.5, 0.75, 1.0]
