@@ -39,6 +39,20 @@ def test_kernel_builds_where_a_compiler_exists():
     assert native.usable(torch.zeros(3)) and not native.usable(torch.zeros(3, dtype=torch.float64))
 
 
+@pytest.mark.skipif(not HAS_CC, reason="no C compiler on PATH")
+def test_kernel_builds_from_source_into_an_empty_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("CALIBKIT_NATIVE_DIR", str(tmp_path))
+    native.reset()
+    try:
+        assert native.available()  # compiled now: the folder was empty
+        built = list(tmp_path.iterdir())
+        assert built == [native.library_path()] and built[0].stat().st_size > 0
+        counts, over, nonfinite, maxabs, _ = native.abs_counts(torch.tensor([0.5, -2.5, 3.0]), 1.0, 4)
+        assert counts.tolist() == [1, 0, 1, 1] and (over, nonfinite, maxabs) == (0, 0, 3.0)
+    finally:
+        native.reset()
+
+
 def _cases():
     g = torch.Generator().manual_seed(11)
     relu = torch.relu(torch.randn(300_001, generator=g))
