@@ -18,7 +18,6 @@ It prints ms per batch (fastest of ``--repeat``) and the ratios to calibkit. Not
 """
 
 import argparse
-import os
 import time
 
 import torch
@@ -62,14 +61,11 @@ def main(argv=None) -> None:
     reference = hist.counts.clone()
 
     def calibkit_ms(kernel: bool) -> tuple[float, str]:
-        os.environ["CALIBKIT_NATIVE"] = "1" if kernel else "0"
-        try:
+        with native.switched(kernel):
             running = AccumulatingHistogram(args.bins)  # one histogram fed batch after batch, as in calibration
             running.add(x)
             same = torch.equal(running.counts, reference)
             return best_ms(lambda: running.add(x), args.repeat), f"counts identical: {same}"
-        finally:
-            del os.environ["CALIBKIT_NATIVE"]
 
     rows = [("calibkit (torch ops)", *calibkit_ms(False))]
     if native.available():

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
-import os
 import time
 import warnings
 
@@ -136,15 +135,8 @@ class CalibkitMethod(Method):
             self.obs._search = timed_search
 
     def run(self, data):
-        before = os.environ.get("CALIBKIT_NATIVE")
-        os.environ["CALIBKIT_NATIVE"] = "1" if self.kernel else "0"  # read by calibkit.native on every use
-        try:
+        with native.switched(self.kernel):
             amax = super().run(data)
-        finally:
-            if before is None:
-                del os.environ["CALIBKIT_NATIVE"]
-            else:
-                os.environ["CALIBKIT_NATIVE"] = before
         self.collect_s -= self.inner_search_s
         self.search_s += self.inner_search_s
         return amax

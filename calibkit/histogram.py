@@ -131,7 +131,7 @@ def _binned_counts(x2d: torch.Tensor, mult: torch.Tensor, offset: float, length:
         if over or nonfinite:
             raise ValueError(f"{over + nonfinite} values fall outside the {length} bins: the caller must pass "
                              "finite values and a range that holds them")
-        return counts.to(x2d.device).reshape(1, length)
+        return counts.reshape(1, length)
     # One row: consecutive elements are counted in LANES interleaved copies of the histogram (summed at
     # the end). A bin hit by long runs of equal values (the exact zeros of a ReLU) is then not one
     # counter incremented back to back, which serializes on the memory dependency (~1.5x slower).
@@ -352,10 +352,7 @@ class AccumulatingHistogram:
         return max(e - 1, -126)               # width = 2**(e-1) <= amax / bins; 1/width fits float32
 
     def _merge_pairs(self) -> None:
-        c = self.counts
-        if c.numel() % 2:
-            c = torch.cat([c, c.new_zeros(1)])
-        self.counts = c.view(-1, 2).sum(1)
+        self.counts = _pair_sums(self.counts)
         self.width *= 2
 
     def add(self, x: torch.Tensor, minmax: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -384,7 +381,7 @@ class AccumulatingHistogram:
                     counts = native.abs_counts(x2d, 1.0 / self.width, len(self))[0]
                 else:  # few: bring the counts to the new width (exact pair sums), then add those values
                     while width < self.width:
-                        counts = torch.cat([counts, counts.new_zeros(counts.numel() % 2)]).view(-1, 2).sum(1)
+                        counts = _pair_sums(counts)
                         width *= 2
                     counts = torch.cat([counts, counts.new_zeros(len(self) - counts.numel())])
                     counts += native.abs_counts(beyond, 1.0 / self.width, len(self))[0]
@@ -423,6 +420,13 @@ class AccumulatingHistogram:
             needed = math.floor(amax / self.width) + 1
         if needed > len(self):
             self.counts = torch.cat([self.counts, self.counts.new_zeros(needed - len(self))])
+
+
+def _pair_sums(counts: torch.Tensor) -> torch.Tensor:
+    """Sums of adjacent bin pairs (a histogram at twice the width; an odd last bin is paired with an empty one)."""
+    if counts.numel() % 2:
+        counts = torch.cat([counts, counts.new_zeros(1)])
+    return counts.view(-1, 2).sum(1)
 
 
 def nonfinite_error(owner: str, x: torch.Tensor) -> CalibrationError:

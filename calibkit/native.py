@@ -15,6 +15,7 @@ and uses the torch-ops path: results are the same, only slower. ``CALIBKIT_NATIV
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -30,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-__all__ = ["available", "abs_counts", "SOURCE", "library_path"]
+__all__ = ["available", "abs_counts", "switched", "SOURCE", "library_path"]
 
 SOURCE = r"""
 #include <stdint.h>
@@ -155,6 +156,21 @@ def available() -> bool:
     """True when the kernel is enabled (``CALIBKIT_NATIVE`` not ``0``) and compiled/loaded; the first call
     may compile it (well under a second)."""
     return _enabled() and _load() is not None
+
+
+@contextlib.contextmanager
+def switched(on: bool):
+    """Run a block with the kernel switched on or off (sets ``CALIBKIT_NATIVE``, restores its previous value);
+    e.g. to time or compare the torch-ops path in the same process."""
+    before = os.environ.get("CALIBKIT_NATIVE")
+    os.environ["CALIBKIT_NATIVE"] = "1" if on else "0"  # read on every use
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["CALIBKIT_NATIVE"]
+        else:
+            os.environ["CALIBKIT_NATIVE"] = before
 
 
 def reset() -> None:

@@ -315,22 +315,13 @@ def train(model, ds, epochs: int, batch_size: int = 1024, lr: float = 1.5, seed:
     if freeze_bn_weight:
         frozen.update(m.weight for m in norms if m.weight is not None)
     frozen = {p for p in frozen if p.requires_grad}  # no gradient is computed for them while training
-    for p in frozen:
-        p.requires_grad_(False)
-    old_pool_first = [m.pool_first for m in stages]
-    for m in stages:
-        m.pool_first = True
     bn_biases = {m.bias for m in norms if m.bias is not None}
-    old_bn_momentum = [m.momentum for m in norms]
-    if bn_momentum is not None:
-        for m in norms:
-            m.momentum = bn_momentum
     model.to(memory_format=torch.channels_last).train()
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     head = set(linears[-1].parameters()) if linears else set()
     groups = {}
     for p in model.parameters():
-        if p.requires_grad:
+        if p.requires_grad and p not in frozen:
             scale = head_lr_scale if p in head else bias_lr_scale if p in bn_biases else 1.0
             groups.setdefault(scale, []).append(p)
     opt = torch.optim.SGD([{"params": ps, "lr": lr * s, "weight_decay": weight_decay / s} for s, ps in groups.items()],
@@ -347,6 +338,16 @@ def train(model, ds, epochs: int, batch_size: int = 1024, lr: float = 1.5, seed:
     hist = {k: [] for k in ("epoch", "train_loss", "train_accuracy", "test_accuracy", "epoch_seconds", "eval_seconds")}
     bar = tqdm(total=total, desc="train", disable=not progress)
     step = 0
+    # module state changed for training only, restored in `finally`
+    for p in frozen:
+        p.requires_grad_(False)
+    old_pool_first = [m.pool_first for m in stages]
+    for m in stages:
+        m.pool_first = True
+    old_bn_momentum = [m.momentum for m in norms]
+    if bn_momentum is not None:
+        for m in norms:
+            m.momentum = bn_momentum
     try:
         for epoch in range(1, epochs + 1):
             t0 = time.perf_counter()

@@ -24,12 +24,9 @@ def torch_path(monkeypatch):
     return use
 
 
-def _torch_counts(x: torch.Tensor, mult: float, length: int, monkeypatch) -> torch.Tensor:
-    monkeypatch.setenv("CALIBKIT_NATIVE", "0")
-    try:
+def _torch_counts(x: torch.Tensor, mult: float, length: int) -> torch.Tensor:
+    with native.switched(False):
         return H._binned_counts(x.reshape(1, -1), torch.tensor([mult]), 0.0, length, absolute=True)[0]
-    finally:
-        monkeypatch.delenv("CALIBKIT_NATIVE")
 
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler on PATH")
@@ -69,12 +66,12 @@ def _cases():
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler on PATH")
 @pytest.mark.parametrize("case", range(5))
-def test_abs_counts_equal_the_torch_ops_path(case, monkeypatch):
+def test_abs_counts_equal_the_torch_ops_path(case):
     name, x, mult, length = _cases()[case]
     mult = float(torch.tensor(mult, dtype=torch.float32))  # what the callers pass: a float32 value
     counts, over, nonfinite, maxabs, _ = native.abs_counts(x, mult, length)
     assert (over, nonfinite) == (0, 0), name
-    assert torch.equal(counts, _torch_counts(x, mult, length, monkeypatch)), name
+    assert torch.equal(counts, _torch_counts(x, mult, length)), name
     assert int(counts.sum()) == x.numel()
     assert maxabs == float(x.abs().max())
 
@@ -196,3 +193,17 @@ def test_parallel_parts_give_the_same_result(monkeypatch):
         torch.set_num_threads(before)
     assert torch.equal(one[0], three[0]) and one[1:] == three[1:]
     assert one[2] == 2 and one[3] == float(torch.tensor(1e30)) and one[1] == int(((x.abs() * mult >= 101) & x.isfinite()).sum())
+
+
+def test_switched_sets_and_restores_the_switch(monkeypatch):
+    monkeypatch.setenv("CALIBKIT_NATIVE", "off")
+    with native.switched(True):
+        assert os.environ["CALIBKIT_NATIVE"] == "1"
+        with native.switched(False):
+            assert not native.usable(torch.zeros(3))
+        assert os.environ["CALIBKIT_NATIVE"] == "1"
+    assert os.environ["CALIBKIT_NATIVE"] == "off"
+    monkeypatch.delenv("CALIBKIT_NATIVE")
+    with pytest.raises(KeyError), native.switched(False):
+        raise KeyError("inside")  # restored (removed) on error too
+    assert "CALIBKIT_NATIVE" not in os.environ
