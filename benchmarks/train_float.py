@@ -98,11 +98,13 @@ def main(argv=None):
     preds = logits.argmax(1)
     cm = confusion_matrix(preds, sub.test_labels, len(ds.classes))
     acc = (preds == sub.test_labels).float().mean().item()
-    acc_tta = accuracy(model, sub.test_images, sub.test_labels, tta=True)
+    acc_tta = accuracy(model, sub.test_images, sub.test_labels, tta=1)
+    acc_tta2 = accuracy(model, sub.test_images, sub.test_labels, tta=2)
     eval_s = time.perf_counter() - t
     train_s, total_eval_s = hist["train_seconds"], sum(hist["eval_seconds"])
 
     metrics = {"profile": args.profile, "seed": args.seed, "test_accuracy": acc, "test_accuracy_tta": acc_tta,
+               "test_accuracy_tta2": acc_tta2,
                "train_seconds": train_s, "eval_seconds_during_training": total_eval_s, "epochs": hist["epochs"],
                "num_train": hist["num_train"], "num_test": hist["num_test"], "data_source": sub.source,
                "checkpoint": str(out), "per_class_accuracy": dict(zip(ds.classes, per_class_accuracy(cm).tolist())),
@@ -120,7 +122,8 @@ def main(argv=None):
           f"{hist['num_test']} test images, data {sub.source}")
     print(f"test accuracy      {100 * acc:6.2f} %  (target {'>=' if args.profile == 'full' else '>'} {100 * target_acc:.0f} %, "
           f"ratio {acc / target_acc:.3f})")
-    print(f"  with flip TTA    {100 * acc_tta:6.2f} %")
+    print(f"  with flip TTA    {100 * acc_tta:6.2f} %  (tta=1, reference only)")
+    print(f"  flip + shift TTA {100 * acc_tta2:6.2f} %  (tta=2, 6 views, reference only)")
     print(f"training time      {train_s:7.1f} s  (target <= {target_s} s, ratio {train_s / target_s:.3f}); "
           f"+ {total_eval_s:.1f} s test evaluation during training, {eval_s:.1f} s final evaluation")
     print(f"load average at end {os.getloadavg()[0]:.1f} (2 cores: > 2 means other processes shared them)")

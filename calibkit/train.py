@@ -144,12 +144,43 @@ def bf16_supported(device) -> bool:
     return False
 
 
+TTA_LEVELS = (0, 1, 2)
+
+
+def _tta_level(tta) -> int:
+    level = int(tta) if isinstance(tta, bool) or (isinstance(tta, int) and tta in TTA_LEVELS) else None
+    if level is None:
+        raise ValueError(f"tta={tta!r} is invalid: use 0/False (one view), 1/True (+ mirror) or 2 (+ mirror, "
+                         "+ 1-pixel shifts)")
+    return level
+
+
+def _tta_logits(model, x: torch.Tensor, level: int) -> torch.Tensor:
+    """Weighted mean of the logits over the views of ``x`` (normalized ``[N, C, H, W]``) that ``level`` asks for."""
+    logits = model(x)
+    if level >= 1:
+        logits = 0.5 * (logits + model(x.flip(3)))
+    if level >= 2:
+        # the image shifted by one pixel up-left and down-right (reflect padding), each with its mirror
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
+            else torch.contiguous_format
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = sum(model(v.contiguous(memory_format=fmt)) for s in (padded[:, :, :-2, :-2], padded[:, :, 2:, 2:])
+                      for v in (s, s.flip(3)))
+        logits = 0.5 * logits + 0.125 * shifted
+    return logits
+
+
 @torch.no_grad()
-def predict(model, images: torch.Tensor, batch_size: int = 1000, tta: bool = False, progress: bool = False) -> torch.Tensor:
+def predict(model, images: torch.Tensor, batch_size: int = 1000, tta: bool | int = False,
+            progress: bool = False) -> torch.Tensor:
     """Logits ``[N, num_classes]`` (float32, on the model's device) for uint8 ``images [N, 3, H, W]``.
 
-    Runs in eval mode (the previous mode is restored). ``tta=True`` averages the logits of each image and
-    its mirror image (test-time flip augmentation)."""
+    Runs in eval mode (the previous mode is restored). ``tta`` (test-time augmentation, as in airbench):
+    0 / False (default) one view; 1 / True the mean logits of each image and its mirror image (2 forward
+    passes); 2 half of level 1 plus half of the mean over the image shifted by one pixel up-left and
+    down-right (reflect padding), each also mirrored (6 forward passes)."""
+    level = _tta_level(tta)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} is out of range: use a value >= 1")
     if images.ndim != 4 or len(images) == 0:
@@ -160,16 +191,13 @@ def predict(model, images: torch.Tensor, batch_size: int = 1000, tta: bool = Fal
     try:
         for i in tqdm(range(0, len(images), batch_size), desc="predict", disable=not progress, leave=False):
             x = normalize(images[i:i + batch_size].to(dev)).contiguous(memory_format=fmt)
-            logits = model(x)
-            if tta:
-                logits = 0.5 * (logits + model(x.flip(3)))
-            out.append(logits.float())
+            out.append(_tta_logits(model, x, level).float())
     finally:
         model.train(was_training)
     return torch.cat(out)
 
 
-def accuracy(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000, tta: bool = False,
+def accuracy(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000, tta: bool | int = False,
              progress: bool = False) -> float:
     """Top-1 accuracy in [0, 1] of ``model`` on uint8 ``images [N, 3, H, W]`` with int64 ``labels [N]``
     (normalization done here; see ``predict`` for ``tta``)."""
@@ -224,7 +252,7 @@ def train(model, ds, epochs: int, batch_size: int = 1024, lr: float = 1.5, seed:
           bias_lr_scale: float = 64.0,
           freeze_bn_weight: bool = True, bn_momentum: float | None = 0.4, logit_scale: float = 1 / 9,
           lookahead: bool = True, whiten: bool = True, pool_first: bool | None = None, amp: bool | None = None,
-          eval_every: int = 1, tta: bool = False, eval_batch_size: int = 1000, progress: bool = True) -> dict:
+          eval_every: int = 1, tta: bool | int = False, eval_batch_size: int = 1000, progress: bool = True) -> dict:
     """Train ``model`` in place on ``ds.train_images`` / ``ds.train_labels`` (uint8 ``[N,3,H,W]``, int64 ``[N]``).
 
     The defaults are an airbench-style recipe (Keller Jordan's fast CIFAR-10 training) adapted to a ReLU model
@@ -266,7 +294,7 @@ def train(model, ds, epochs: int, batch_size: int = 1024, lr: float = 1.5, seed:
         amp: run forward/backward under bfloat16 autocast (weights, optimizer and evaluation stay float32);
             None = on when ``bf16_supported(device)`` (about 3x faster on AMX CPUs).
         eval_every: test accuracy (``ds.test_images``) every this many epochs and after the last; 0 = only after
-            the last. tta: evaluate with test-time flip augmentation.
+            the last. tta: test-time augmentation level of those evaluations (see ``predict``).
     Returns a history dict: per-epoch lists ``epoch``, ``train_loss``, ``train_accuracy`` (on augmented batches),
     ``test_accuracy`` (None where not evaluated), ``epoch_seconds`` (training only), ``eval_seconds``;
     and ``train_seconds`` (sum of epoch_seconds), ``test_accuracy_final``, ``steps`` and the hyperparameters.
@@ -290,6 +318,7 @@ def train(model, ds, epochs: int, batch_size: int = 1024, lr: float = 1.5, seed:
         raise ValueError(f"bn_momentum={bn_momentum} is out of range: use a value in (0, 1] or None")
     if int(eval_every) != eval_every or eval_every < 0:
         raise ValueError(f"eval_every={eval_every} is out of range: use an integer >= 0")
+    _tta_level(tta)  # checked before training, not after the first epoch
     pool_first = freeze_bn_weight if pool_first is None else bool(pool_first)
     stages = [m for m in model.modules() if isinstance(m, Stage)] if pool_first else []
     if stages and not freeze_bn_weight:

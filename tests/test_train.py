@@ -125,6 +125,43 @@ def test_predict_and_accuracy_match_manual():
     assert acc == pytest.approx((ref.argmax(1) == ds.test_labels).float().mean().item())
 
 
+
+def test_predict_tta2_matches_manual_views():
+    """tta=2: half the image+mirror mean plus half the mean of the four 1-pixel-shifted (reflect-padded) views."""
+    ds = _toy_data(n_test=20)
+    torch.manual_seed(1)
+    model = cifar_resnet((8, 8, 8), num_classes=4, stem_width=8).eval()
+    imgs = ds.test_images
+    h, w = imgs.shape[2:]
+
+    def shifted(d):  # out[y, x] = in[reflect(y + d), reflect(x + d)], built by index arithmetic, not F.pad
+        r = (torch.arange(h) + d).abs()
+        r = torch.where(r > h - 1, 2 * (h - 1) - r, r)
+        c = (torch.arange(w) + d).abs()
+        c = torch.where(c > w - 1, 2 * (w - 1) - c, c)
+        return imgs[:, :, r][:, :, :, c]
+
+    with torch.no_grad():
+        f = lambda x: model(normalize(x))
+        plain = 0.5 * (f(imgs) + f(imgs.flip(3)))
+        shifts = sum(f(v) for d in (-1, 1) for v in (shifted(d), shifted(d).flip(3))) / 4
+    torch.testing.assert_close(predict(model, imgs, batch_size=8, tta=2), 0.5 * plain + 0.5 * shifts,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(predict(model, imgs, tta=1), predict(model, imgs, tta=True))
+    torch.testing.assert_close(predict(model, imgs, tta=0), predict(model, imgs, tta=False))
+
+
+@pytest.mark.parametrize("bad", [3, -1, 1.5, "2", None])
+def test_tta_level_rejected(bad):
+    ds = _toy_data(n_test=4)
+    model = cifar_resnet((8, 8, 8), num_classes=4, stem_width=8)
+    with pytest.raises(ValueError, match=r"tta=.*use 0/False .*1/True .* or 2"):
+        predict(model, ds.test_images, tta=bad)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"tta="):  # checked before any training step: weights untouched
+        train(model, ds, 1, tta=bad, **TINY)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
 def _fit(seed, epochs=1, **kw):
     ds = _toy_data()
     torch.manual_seed(0)
