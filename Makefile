@@ -12,8 +12,8 @@ PROFILE ?= full
 # A new environment takes about 6.2 GiB (torch 2.14.1 comes with its CUDA libraries); fail early and clearly
 # instead of with pip's "No space left on device" halfway through the install.
 NEED_GIB := 7
-export DISK_CHECK = import shutil, sys; free = shutil.disk_usage(".").free / 2**30; \
-  sys.exit(0 if free >= $(NEED_GIB) else f"make: only {free:.1f} GiB free on the disk of {__import__('os').getcwd()}; \
+export DISK_CHECK = import os, shutil, sys; free = shutil.disk_usage(".").free / 2**30; \
+  sys.exit(0 if free >= $(NEED_GIB) else f"make: only {free:.1f} GiB free on the disk of {os.getcwd()}; \
   the environment in $(VENV) needs about $(NEED_GIB) GiB (torch 2.14.1 with its CUDA libraries). Free some space and re-run.")
 
 # Re-runnable: the environment is rebuilt only when pyproject.toml changes.

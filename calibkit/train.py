@@ -81,6 +81,8 @@ def augment(images: torch.Tensor, generator: torch.Generator, flip: bool = True,
     n, c, h, w = images.shape
     if not 0 <= int(translate) < min(h, w):
         raise ValueError(f"translate={translate} is out of range: use an integer in [0, {min(h, w) - 1}]")
+    if not 0 <= int(cutout) <= min(h, w):
+        raise ValueError(f"cutout={cutout} is out of range: use an integer in [0, {min(h, w)}]")
     rows = torch.arange(h).expand(n, h)
     cols = torch.arange(w).expand(n, w)
     if translate:
@@ -93,8 +95,6 @@ def augment(images: torch.Tensor, generator: torch.Generator, flip: bool = True,
     elif flip:
         mirrored = torch.rand(n, generator=generator) < 0.5
         cols = torch.where(mirrored[:, None], cols.flip(1), cols)
-    if not 0 <= int(cutout) <= min(h, w):
-        raise ValueError(f"cutout={cutout} is out of range: use an integer in [0, {min(h, w)}]")
     dev = images.device
     out = images[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
                  rows.to(dev)[:, None, :, None], cols.to(dev)[:, None, None, :]]
@@ -155,15 +155,14 @@ def _tta_level(tta) -> int:
     return level
 
 
-def _tta_logits(model, x: torch.Tensor, level: int) -> torch.Tensor:
-    """Weighted mean of the logits over the views of ``x`` (normalized ``[N, C, H, W]``) that ``level`` asks for."""
+def _tta_logits(model, x: torch.Tensor, level: int, fmt: torch.memory_format) -> torch.Tensor:
+    """Weighted mean of the logits over the views of ``x`` (normalized ``[N, C, H, W]``) that ``level`` asks for;
+    shifted views are laid out in ``fmt`` (the model's memory format)."""
     logits = model(x)
     if level >= 1:
         logits = 0.5 * (logits + model(x.flip(3)))
     if level >= 2:
         # the image shifted by one pixel up-left and down-right (reflect padding), each with its mirror
-        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-            else torch.contiguous_format
         padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
         shifted = sum(model(v.contiguous(memory_format=fmt)) for s in (padded[:, :, :-2, :-2], padded[:, :, 2:, 2:])
                       for v in (s, s.flip(3)))
@@ -191,7 +190,7 @@ def predict(model, images: torch.Tensor, batch_size: int = 1000, tta: bool | int
     try:
         for i in tqdm(range(0, len(images), batch_size), desc="predict", disable=not progress, leave=False):
             x = normalize(images[i:i + batch_size].to(dev)).contiguous(memory_format=fmt)
-            out.append(_tta_logits(model, x, level).float())
+            out.append(_tta_logits(model, x, level, fmt).float())
     finally:
         model.train(was_training)
     return torch.cat(out)
