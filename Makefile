@@ -31,7 +31,7 @@ data: setup
 	$(PY) data_scripts/ensure_data.py
 
 tutorial: data
-	$(PY) -m calibkit.runner --profile $(PROFILE)
+	$(PY) -m calibkit.tutorial.runner --profile $(PROFILE)
 
 test: data
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -4,8 +4,8 @@ a kernel fused by ``torch.compile``.
 The ``kl`` observer's time on large activations is bound by building the histogram of ``|x|`` (see
 ``benchmarks/observers.py``). This script times, on the same ReLU-like tensor in one run:
 
-* ``calibkit (kernel)``: ``calibkit.histogram.AccumulatingHistogram.add`` with the compiled one-pass kernel of
-  ``calibkit.native`` (bins, max and NaN/Inf check in one pass; skipped with the reason if it cannot be built);
+* ``calibkit (kernel)``: ``calibkit.quant.histogram.AccumulatingHistogram.add`` with the compiled one-pass kernel of
+  ``calibkit.quant.native`` (bins, max and NaN/Inf check in one pass; skipped with the reason if it cannot be built);
 * ``calibkit (torch ops)``: the same call with ``CALIBKIT_NATIVE=0`` (min/max, scale, convert, 4-lane ``bincount``);
 * ``torch.histc``: what NVIDIA ModelOpt's ``HistogramCalibrator`` and torch's ``HistogramObserver`` build on;
 * ``torch.compile``: |x| * (1/width) -> int -> scatter-add fused into one loop by TorchInductor (needs a C++
@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from calibkit import native
-from calibkit.histogram import AccumulatingHistogram
+from calibkit.quant import native
+from calibkit.quant.histogram import AccumulatingHistogram
 
 
 def best_ms(fn, repeat: int) -> float:
@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     if native.available():
         rows.insert(0, ("calibkit (compiled kernel)", *calibkit_ms(True)))
     else:
-        rows.append(("calibkit (compiled kernel)", float("nan"), "unavailable (see calibkit.native)"))
+        rows.append(("calibkit (compiled kernel)", float("nan"), "unavailable (see calibkit.quant.native)"))
     rows.append(("torch.histc (|x|, ModelOpt's way)", best_ms(lambda: torch.histc(x.abs(), length, 0, amax), args.repeat), ""))
     try:
         compiled = torch.compile(fused, dynamic=False)

@@ -3,7 +3,7 @@
 All methods see the same tensors in one run. Per method and distribution it prints
 
 * ``collect ms/batch``: time spent observing one batch (for calibkit ``kl`` without its searches; ``kl (torch
-  ops)`` is the same observer with the compiled counting kernel of ``calibkit.native`` switched off),
+  ops)`` is the same observer with the compiled counting kernel of ``calibkit.quant.native`` switched off),
 * ``search ms``: total threshold-search time (calibkit ``kl``: all its searches inside ``forward``;
   peers: their final ``calculate_qparams`` / ``compute_amax``; other calibkit methods: reading qparams),
 * ``total s`` and ``SQNR dB``: signal-to-quantization-noise ratio of the chosen range (8-bit, scale =
@@ -39,9 +39,9 @@ import warnings
 
 import torch
 
-from calibkit import native
-from calibkit.observers import get_observer_class
-from calibkit.quant import quantize_dequantize, scale_from_amax
+from calibkit.quant import native
+from calibkit.quant.observers import get_observer_class
+from calibkit.quant.numerics import quantize_dequantize, scale_from_amax
 
 BITS = 8
 CALIBKIT = ["min_max", "percentile", "mse", "kl", "mix"]
@@ -75,8 +75,8 @@ def synthetic_batches(name: str, batches: int, numel: int, seed: int) -> list[to
 def checkpoint_activations(path: str, batches: int, batch_size: int, data_dir: str | None,
                            seed: int) -> dict[str, list]:
     """Activations of a trained calibkit model: the input and every ``nn.ReLU`` output, per batch."""
-    from calibkit.checkpoint import load_checkpoint
-    from calibkit.data import calibration_batches, load_cifar10
+    from calibkit.cifar.checkpoint import load_checkpoint
+    from calibkit.cifar.data import calibration_batches, load_cifar10
 
     model, _ = load_checkpoint(path)
     model.eval()
@@ -306,7 +306,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dists", default="gaussian,laplace,student_t3,relu_spikes")
     ap.add_argument("--checkpoint", default=None, help="trained calibkit checkpoint: add its recorded activations")
-    ap.add_argument("--data-dir", default=None, help="CIFAR-10 location for --checkpoint (see calibkit.data)")
+    ap.add_argument("--data-dir", default=None, help="CIFAR-10 location for --checkpoint (see calibkit.cifar.data)")
     ap.add_argument("--ckpt-batches", type=int, default=16)
     ap.add_argument("--ckpt-batch-size", type=int, default=128)
     ap.add_argument("--no-modelopt", action="store_true", help="skip the ModelOpt peers (their entropy search is slow)")
@@ -331,7 +331,7 @@ def main(argv=None) -> list[dict]:
     if mo_note:
         print("note:", mo_note)
     print("calibkit compiled histogram kernel:", f"on ({native.library_path()})" if native.available()
-          else "off (torch ops; see calibkit.native)")
+          else "off (torch ops; see calibkit.quant.native)")
     datasets = {d: synthetic_batches(d, args.batches, args.numel, args.seed + i)
                 for i, d in enumerate(args.dists.split(",")) if d}
     if args.checkpoint:

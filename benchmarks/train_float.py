@@ -21,10 +21,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from calibkit.checkpoint import save_checkpoint
-from calibkit.data import load_cifar10, normalize
-from calibkit.models import cifar_resnet
-from calibkit.train import (PROFILES, accuracy, bf16_supported, confusion_matrix, per_class_accuracy, predict,
+from calibkit.cifar.checkpoint import save_checkpoint
+from calibkit.cifar.data import load_cifar10, normalize
+from calibkit.cifar.models import cifar_resnet
+from calibkit.cifar.train import (PROFILES, accuracy, bf16_supported, confusion_matrix, per_class_accuracy, predict,
                             profile_dataset, train_profile)
 
 TARGETS = {"full": (0.91, 40 * 60), "smoke": (0.50, 2 * 60)}
@@ -32,7 +32,7 @@ TARGETS = {"full": (0.91, 40 * 60), "smoke": (0.50, 2 * 60)}
 
 def step_seconds(width, batch_size, amp, pool_first=False, steps=3):
     """Median seconds of one SGD step (forward, backward, update) on random data, channels-last; ``pool_first``
-    sets ``Stage.pool_first`` (see ``calibkit.models.Stage``)."""
+    sets ``Stage.pool_first`` (see ``calibkit.cifar.models.Stage``)."""
     torch.manual_seed(0)
     model = cifar_resnet(width).to(memory_format=torch.channels_last).train()
     for stage in (model.stage1, model.stage2, model.stage3):

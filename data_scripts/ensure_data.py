@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from calibkit.data import TORCHVISION_FOLDER, find_image_folder, load_cifar10, resolve_data_dir, unpack_archive  # noqa: E402
+from calibkit.cifar.data import TORCHVISION_FOLDER, find_image_folder, load_cifar10, resolve_data_dir, unpack_archive  # noqa: E402
 
 
 def main() -> int:

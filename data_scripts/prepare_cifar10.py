@@ -17,7 +17,7 @@ try:
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calibkit.data import DataNotFoundError, load_cifar10, resolve_cache_dir, resolve_data_dir
+from calibkit.cifar.data import DataNotFoundError, load_cifar10, resolve_cache_dir, resolve_data_dir
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ try:
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calibkit.data import find_image_folder, resolve_data_dir, unpack_archive
+from calibkit.cifar.data import find_image_folder, resolve_data_dir, unpack_archive
 
 
 def main(argv=None) -> int:

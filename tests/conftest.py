@@ -14,7 +14,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def cifar():
     """The real CIFAR-10 tensors (skips when no data is available, e.g. outside `make test`)."""
-    from calibkit.data import load_cifar10
+    from calibkit.cifar.data import load_cifar10
     from calibkit.errors import DataNotFoundError
 
     try:

@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from calibkit.activation_stats import ActivationStats, activation_quantizers
-from calibkit.calibrate import calibrate
-from calibkit.fake_quantize import named_quantizers
-from calibkit.models import cifar_resnet
-from calibkit.prepare import prepare
-from calibkit.qconfig import get_default_qconfig
-from calibkit.quant import scale_from_amax
+from calibkit.analysis.activation_stats import ActivationStats, activation_quantizers
+from calibkit.quant.calibrate import calibrate
+from calibkit.quant.fake_quantize import named_quantizers
+from calibkit.cifar.models import cifar_resnet
+from calibkit.quant.prepare import prepare
+from calibkit.quant.qconfig import get_default_qconfig
+from calibkit.quant.numerics import scale_from_amax
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,8 @@ from pathlib import Path
 import pytest
 
 from browser_support import HeadlessChromium, JupyterLab, require_browser_tools
-from calibkit.runner import CHECKPOINT_NOTEBOOK, NOTEBOOK_DIR, list_notebooks, run_notebook
-from calibkit.widgets import NINES_RANGE, nines_to_percentile, percentile_to_nines
+from calibkit.tutorial.runner import CHECKPOINT_NOTEBOOK, NOTEBOOK_DIR, list_notebooks, run_notebook
+from calibkit.tutorial.widgets import NINES_RANGE, nines_to_percentile, percentile_to_nines
 
 pytestmark = pytest.mark.browser
 
@@ -71,7 +71,7 @@ def smoke_checkpoint(chromium, cifar, tmp_path_factory) -> Path:
 
 
 def parse_readout(text: str) -> dict:
-    """Numbers of the explorer's readout (``calibkit.widgets.accuracy_readout``)."""
+    """Numbers of the explorer's readout (``calibkit.tutorial.widgets.accuracy_readout``)."""
     num = r"([-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?)"
     out = {}
     for key, pat in {"accuracy_pct": rf"accuracy {num} %", "percentile": rf"percentile {num} %",

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from calibkit import __version__
-from calibkit.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from calibkit.cifar.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from calibkit.errors import CheckpointError
-from calibkit.models import cifar_resnet
+from calibkit.cifar.models import cifar_resnet
 
 
 def _trained_like(width=(8, 16, 16)):
@@ -116,14 +116,14 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(saved, monkeypatch):
 def test_bad_meta_and_bad_model(tmp_path):
     with pytest.raises(TypeError, match=r"meta\['t'\]"):
         save_checkpoint(tmp_path / "m.pt", cifar_resnet((8, 8, 8)), {"t": torch.zeros(1)})
-    with pytest.raises(TypeError, match="calibkit.models"):
+    with pytest.raises(TypeError, match="calibkit.cifar.models"):
         save_checkpoint(tmp_path / "m.pt", torch.nn.Linear(2, 2), {})
     assert list(tmp_path.iterdir()) == []
 
 
 def test_reusable_checkpoint_matches_only_identical_settings(tmp_path):
-    from calibkit.checkpoint import reusable_checkpoint
-    from calibkit.train import profile_config
+    from calibkit.cifar.checkpoint import reusable_checkpoint
+    from calibkit.cifar.train import profile_config
 
     cfg = profile_config("smoke")
     path = save_checkpoint(tmp_path / "m.pt", cifar_resnet((8, 8, 8)), {"profile": "smoke", "seed": 0, "train_config": cfg})

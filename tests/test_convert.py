@@ -6,14 +6,14 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from calibkit.calibrate import calibrate
-from calibkit.convert import (Dequantize, IntConv, IntLinear, Quantize, convert, fixed_point_multiplier, named_int_ops,
+from calibkit.quant.calibrate import calibrate
+from calibkit.quant.convert import (Dequantize, IntConv, IntLinear, Quantize, convert, fixed_point_multiplier, named_int_ops,
                               requantize_fixed_point)
 from calibkit.errors import CalibrationError
-from calibkit.fake_quantize import FakeQuantState, named_quantizers, set_fake_quantize
-from calibkit.prepare import prepare
-from calibkit.qconfig import get_default_qconfig
-from calibkit.quant import qrange
+from calibkit.quant.fake_quantize import FakeQuantState, named_quantizers, set_fake_quantize
+from calibkit.quant.prepare import prepare
+from calibkit.quant.qconfig import get_default_qconfig
+from calibkit.quant.numerics import qrange
 
 
 class Block(nn.Module):
@@ -149,7 +149,7 @@ def test_convert_mobilenet_v2():
 
 
 def test_convert_kit_cifar_resnet():
-    models = pytest.importorskip("calibkit.models")
+    models = pytest.importorskip("calibkit.cifar.models")
     torch.manual_seed(0)
     p = calibrated(randomize_bn(models.cifar_resnet(width=(16, 32, 32))), (8, 3, 32, 32))
     assert_equivalent(p, convert(p), torch.randn(8, 3, 32, 32))
@@ -178,7 +178,7 @@ def test_convert_needs_calibration_and_a_prepared_model():
     p = prepare(SmallResNet().eval(), get_default_qconfig("min_max"), torch.randn(1, 3, 16, 16))
     with pytest.raises(CalibrationError, match="quantizer 'input'"):
         convert(p)
-    with pytest.raises(TypeError, match="calibkit.prepare"):
+    with pytest.raises(TypeError, match="calibkit.quant.prepare"):
         convert(SmallResNet())
 
 

@@ -1,4 +1,4 @@
-"""Tests of calibkit.data: image-folder decoding, tensor cache, CIFAR-10 discovery, preprocessing,
+"""Tests of calibkit.cifar.data: image-folder decoding, tensor cache, CIFAR-10 discovery, preprocessing,
 calibration batches, subsets and archive unpacking. Synthetic data only, except one test that needs
 the real mirror via $CALIBKIT_DATA_DIR."""
 
@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from calibkit import data as D
+from calibkit.cifar import data as D
 from calibkit.errors import DataNotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,19 +1,19 @@
-"""Per-op debugging: error report, sensitivity, overrides (calibkit.debug)."""
+"""Per-op debugging: error report, sensitivity, overrides (calibkit.analysis.report)."""
 
 import math
 
 import pytest
 import torch
 
-from calibkit import debug
-from calibkit.calibrate import calibrate, evaluate
+from calibkit.analysis import report as debug
+from calibkit.quant.calibrate import calibrate, evaluate
 from calibkit.errors import CalibrationError, StateError
-from calibkit.fake_quantize import FakeQuantState, named_quantizers, set_fake_quantize
-from calibkit.models import cifar_resnet
-from calibkit.observers import MinMaxObserver, MSEObserver, PercentileObserver
-from calibkit.prepare import prepare
-from calibkit.qconfig import QuantSpec, get_default_qconfig
-from calibkit.quant import quantize_dequantize, sqnr_db
+from calibkit.quant.fake_quantize import FakeQuantState, named_quantizers, set_fake_quantize
+from calibkit.cifar.models import cifar_resnet
+from calibkit.quant.observers import MinMaxObserver, MSEObserver, PercentileObserver
+from calibkit.quant.prepare import prepare
+from calibkit.quant.qconfig import QuantSpec, get_default_qconfig
+from calibkit.quant.numerics import quantize_dequantize, sqnr_db
 
 BAD = "stage2.conv.conv.out"
 

@@ -1,4 +1,4 @@
-"""Tests of calibkit.experiments: ranks, Spearman, the tuning search, the sweeps and the method table."""
+"""Tests of calibkit.tutorial.experiments: ranks, Spearman, the tuning search, the sweeps and the method table."""
 
 import json
 import math
@@ -7,15 +7,15 @@ import random
 import pytest
 import torch
 
-from calibkit.experiments import (EASE_GRIDS, METHODS, SETTINGS, SPEC_RANKS, MinMaxTrace, QuantSetting, agreement,
+from calibkit.tutorial.experiments import (EASE_GRIDS, METHODS, SETTINGS, SPEC_RANKS, MinMaxTrace, QuantSetting, agreement,
                                   calibrate_and_evaluate, calibration_sets, choose_min_max, compare_methods,
                                   describe_disagreement, disagreements, ease_of_use, ease_ranges, exclude_subset,
                                   method_summary, percentile_evaluator, quantizer_table, rank, rank_comparison,
                                   save_rows, spearman, steps_curve, sweep_min_max, tune_percentile)
-from calibkit.fake_quantize import FakeQuantState, named_quantizers, set_fake_quantize
-from calibkit.calibrate import calibrate
-from calibkit.models import cifar_resnet
-from calibkit.prepare import prepare
+from calibkit.quant.fake_quantize import FakeQuantState, named_quantizers, set_fake_quantize
+from calibkit.quant.calibrate import calibrate
+from calibkit.cifar.models import cifar_resnet
+from calibkit.quant.prepare import prepare
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -309,7 +309,7 @@ def test_ease_summary_and_noise_on_hand_made_table():
 
 
 def test_percentile_evaluator_equals_fresh_calibration(tiny):
-    pytest.importorskip("calibkit.activation_stats")
+    pytest.importorskip("calibkit.analysis.activation_stats")
     model, images, labels = tiny
     calib = batches_fn(3, 8, 0)
     setting = QuantSetting("a4", 4, 8, True)
@@ -346,7 +346,7 @@ def test_exclude_subset():
 
 
 def test_ease_percentile_from_stats_equals_calibration(tiny):
-    pytest.importorskip("calibkit.activation_stats")
+    pytest.importorskip("calibkit.analysis.activation_stats")
     model, images, labels = tiny
     calib = batches_fn(2, 8, 0)
     grid = {"percentile": [{"percentile": 99.9, "bins": 2048}, {"percentile": 95.0, "bins": 8192}],
@@ -363,7 +363,7 @@ def test_comparison_plots_render():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from calibkit import calib_plots as P
+    from calibkit.tutorial import figures as P
 
     sweep = [{"activation_bits": b, "batch_size": bs, "averaging_constant": c, "steps": s, "accuracy": 0.5 + c / 10}
              for b in (8, 4) for bs in (16, 64) for c in (0.01, 0.5) for s in (2, 16)]

@@ -5,12 +5,12 @@ import torch
 from torch import nn
 
 from calibkit.errors import CalibrationError, PrepareError, StateError
-from calibkit.fake_quantize import (FakeQuantize, FakeQuantState, fix_activation_scales, get_fake_quantize_state,
+from calibkit.quant.fake_quantize import (FakeQuantize, FakeQuantState, fix_activation_scales, get_fake_quantize_state,
                                     named_quantizers, set_fake_quantize)
-from calibkit.observers import MinMaxObserver
-from calibkit.prepare import prepare
-from calibkit.qconfig import get_default_qconfig
-from calibkit.quant import quantize_dequantize, scale_from_amax
+from calibkit.quant.observers import MinMaxObserver
+from calibkit.quant.prepare import prepare
+from calibkit.quant.qconfig import get_default_qconfig
+from calibkit.quant.numerics import quantize_dequantize, scale_from_amax
 
 
 def tiny_model():
@@ -76,7 +76,7 @@ def test_state_by_name_and_bad_state(prepared):
     set_fake_quantize(prepared, "calibration")
     with pytest.raises(ValueError, match="state='warmup' is unknown"):
         set_fake_quantize(prepared, "warmup")
-    with pytest.raises(PrepareError, match="call calibkit.prepare"):
+    with pytest.raises(PrepareError, match="call calibkit.quant.prepare"):
         set_fake_quantize(tiny_model(), FakeQuantState.CALIBRATION)
 
 

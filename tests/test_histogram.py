@@ -1,4 +1,4 @@
-"""Tests for calibkit.histogram: exact counting, exact growth, KL search, error tables, order statistics."""
+"""Tests for calibkit.quant.histogram: exact counting, exact growth, KL search, error tables, order statistics."""
 
 import math
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from calibkit import histogram as H
-from calibkit.quant import quantize_dequantize, scale_from_amax
+from calibkit.quant import histogram as H
+from calibkit.quant.numerics import quantize_dequantize, scale_from_amax
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(autouse=True, params=["kernel", "torch-ops"])
 def counting_path(request, monkeypatch):
-    """Every test here runs twice: with the compiled counting kernel (calibkit.native, where it can be built)
+    """Every test here runs twice: with the compiled counting kernel (calibkit.quant.native, where it can be built)
     and with the torch-ops path."""
     monkeypatch.setenv("CALIBKIT_NATIVE", "1" if request.param == "kernel" else "0")
     return request.param

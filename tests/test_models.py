@@ -3,7 +3,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from calibkit.models import build_model, cifar_resnet, fusion_groups, whiten_stem_
+from calibkit.cifar.models import build_model, cifar_resnet, fusion_groups, whiten_stem_
 
 
 
@@ -125,7 +125,7 @@ def test_whiten_stem_decorrelates_patches():
 
 
 def test_op_summary_counts_the_traced_ops():
-    from calibkit.models import op_summary
+    from calibkit.cifar.models import op_summary
 
     kinds = op_summary(cifar_resnet((8, 8, 8), blocks=(1, 2, 0)))
     # stem + 3 stage convs + 3 residual convs; BN after each conv; one add per residual block

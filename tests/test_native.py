@@ -1,4 +1,4 @@
-"""Tests for calibkit.native: the compiled |x| histogram kernel gives exactly the torch-ops counts, reports
+"""Tests for calibkit.quant.native: the compiled |x| histogram kernel gives exactly the torch-ops counts, reports
 out-of-range and NaN/Inf values, and calibkit falls back to torch ops (same results) when it cannot be built."""
 
 import os
@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 
-from calibkit import histogram as H
-from calibkit import native
+from calibkit.quant import histogram as H
+from calibkit.quant import native
 from calibkit.errors import CalibrationError
-from calibkit.observers import get_observer_class
+from calibkit.quant.observers import get_observer_class
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 HAS_CC = shutil.which(os.environ.get("CC", "cc").split()[0]) is not None

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from calibkit.runner import list_notebooks, run_notebook
+from calibkit.tutorial.runner import list_notebooks, run_notebook
+from regression import ACCURACY_ATOL, load, tolerance
 
 pytestmark = pytest.mark.notebooks
 CELL_TIMEOUT = int(os.environ.get("CALIBKIT_CELL_TIMEOUT", "900"))
@@ -90,6 +91,23 @@ def check_06(m, out):
     assert abs(m["converted_accuracy"] - m["fake_quant_accuracy"]) <= 0.005, "integer model matches fake-quant"
 
 
+SMOKE_BASELINE = load("smoke_baseline.json")
+
+
+def _dotted(metrics: dict, key: str):
+    for part in key.split("."):
+        metrics = metrics[part]
+    return metrics
+
+
+def check_baseline(stem: str, m: dict) -> None:
+    """Same seed, same smoke accuracies as recorded before the four-floors move (tests/data/smoke_baseline.json)."""
+    kind, atol = tolerance(SMOKE_BASELINE["machine"], ACCURACY_ATOL)
+    for key, want in SMOKE_BASELINE["notebooks"].get(stem, {}).items():
+        got = _dotted(m, key)
+        assert abs(got - want) <= atol, f"{stem}: {key} = {got}, recorded {want} ({kind} machine, tolerance {atol})"
+
+
 CHECKS = {"01": check_01, "02": check_02, "03": check_03, "04": check_04, "05": check_05, "06": check_06}
 
 
@@ -102,3 +120,4 @@ def test_notebook_smoke(nb_path, smoke_root):
     check = CHECKS.get(nb_path.name[:2])
     if check:
         check(metrics, smoke_root / nb_path.stem)
+    check_baseline(nb_path.stem, metrics)

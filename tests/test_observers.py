@@ -1,4 +1,4 @@
-"""Tests for calibkit.observers: properties of every observer (hypothesis) and behaviour on bad input."""
+"""Tests for calibkit.quant.observers: properties of every observer (hypothesis) and behaviour on bad input."""
 
 import math
 
@@ -8,10 +8,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from calibkit import histogram as H
-from calibkit import observers as O
+from calibkit.quant import histogram as H
+from calibkit.quant import observers as O
 from calibkit.errors import CalibrationError
-from calibkit.quant import MIN_SCALE, qrange, quantize_dequantize, scale_from_amax
+from calibkit.quant.numerics import MIN_SCALE, qrange, quantize_dequantize, scale_from_amax
 
 PER_TENSOR = ["min_max", "percentile", "mse", "kl", "mix", "moving_average_min_max"]
 PER_CHANNEL = ["min_max", "percentile", "mse", "mix", "moving_average_per_channel_min_max"]

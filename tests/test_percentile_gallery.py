@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from calibkit.percentile_gallery import (gallery_distributions, gallery_summary, percentile_curve,
+from calibkit.tutorial.gallery import (gallery_distributions, gallery_summary, percentile_curve,
                                          percentile_gallery)
 
 PS = (99.0, 99.5, 99.9, 99.99, 99.999, 100.0)

@@ -9,12 +9,12 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from calibkit.calibrate import calibrate, evaluate
+from calibkit.quant.calibrate import calibrate, evaluate
 from calibkit.errors import CalibrationError, PrepareError, StateError
-from calibkit.fake_quantize import FakeQuantState, named_quantizers, set_fake_quantize
-from calibkit.observers import get_observer_class, observer_names
-from calibkit.prepare import QConv2d, QLinear, prepare
-from calibkit.qconfig import QConfig, QuantSpec, get_default_qconfig
+from calibkit.quant.fake_quantize import FakeQuantState, named_quantizers, set_fake_quantize
+from calibkit.quant.observers import get_observer_class, observer_names
+from calibkit.quant.prepare import QConv2d, QLinear, prepare
+from calibkit.quant.qconfig import QConfig, QuantSpec, get_default_qconfig
 
 QC = get_default_qconfig("min_max")
 

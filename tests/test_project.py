@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from calibkit.runner import list_notebooks
+from calibkit.tutorial.runner import list_notebooks
 
 ROOT = Path(__file__).resolve().parent.parent
 PINS = {"torch": "2.14.1", "torchvision": "0.29.1"}
@@ -73,7 +73,7 @@ def test_ci_runs_the_readme_test_command():
 def test_summary_keeps_notebooks_that_were_not_rerun(tmp_path):
     import json
 
-    from calibkit.runner import update_summary
+    from calibkit.tutorial.runner import update_summary
 
     path = tmp_path / "summary.json"
     first = [{"notebook": n, "seconds": 1.0, "metrics": {"a": i}} for i, n in enumerate(["01_x.ipynb", "02_y.ipynb"])]

@@ -1,4 +1,4 @@
-"""QAT from calibration (calibkit.qat): fixed / free feature-map scales, loss, checkpoints, recommendation."""
+"""QAT from calibration (calibkit.quant.qat): fixed / free feature-map scales, loss, checkpoints, recommendation."""
 
 import math
 
@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibkit import qat
-from calibkit.calibrate import calibrate, evaluate
-from calibkit.convert import convert
+from calibkit.quant import io, qat
+from calibkit.quant.calibrate import calibrate, evaluate
+from calibkit.quant.convert import convert
 from calibkit.errors import CalibrationError, CheckpointError
-from calibkit.fake_quantize import FakeQuantState, get_fake_quantize_state, named_quantizers, set_fake_quantize
-from calibkit.prepare import prepare
-from calibkit.qconfig import get_default_qconfig
+from calibkit.quant.fake_quantize import FakeQuantState, get_fake_quantize_state, named_quantizers, set_fake_quantize
+from calibkit.quant.prepare import prepare
+from calibkit.quant.qconfig import get_default_qconfig
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_checkpoint_roundtrip_is_atomic_and_exact(toy_data, tmp_path):
                   checkpoint_meta={"run": "toy"}, **KW)
     assert ck.exists() and not list(ck.parent.glob("*.tmp"))
     fresh = prepare(_toy_model(), get_default_qconfig("min_max", activation_bits=4), (x[:2],))
-    meta = qat.load_prepared(ck, fresh)
+    meta = io.load_prepared(ck, fresh)
     assert meta["run"] == "toy" and meta["qat_step"] == 8 and len(meta["qat_history"]["train_loss"]) == 8
     set_fake_quantize(fresh, FakeQuantState.VALIDATION)
     with torch.no_grad():
@@ -130,12 +130,12 @@ def test_checkpoint_roundtrip_is_atomic_and_exact(toy_data, tmp_path):
     assert all(fq.is_fixed for fq in named_quantizers(fresh).values() if fq.kind == "activation")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="unreadable"):
-        qat.load_prepared(tmp_path / "junk.pt", fresh)
+        io.load_prepared(tmp_path / "junk.pt", fresh)
     with pytest.raises(CheckpointError, match="does not exist"):
-        qat.load_prepared(tmp_path / "missing.pt", fresh)
+        io.load_prepared(tmp_path / "missing.pt", fresh)
     smaller = prepare(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), get_default_qconfig("min_max"), (x[:2],))
     with pytest.raises(CheckpointError, match="other quantizers"):
-        qat.load_prepared(ck, smaller)
+        io.load_prepared(ck, smaller)
 
 
 def test_bad_inputs(toy_data):

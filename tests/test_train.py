@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from calibkit.data import ImageTensors, normalize
-from calibkit.models import cifar_resnet
-from calibkit.train import (PROFILES, accuracy, augment, confusion_matrix, lr_multiplier, per_class_accuracy, predict,
+from calibkit.cifar.data import ImageTensors, normalize
+from calibkit.cifar.models import cifar_resnet
+from calibkit.cifar.train import (PROFILES, accuracy, augment, confusion_matrix, lr_multiplier, per_class_accuracy, predict,
                             train, train_profile)
 
 
@@ -206,7 +206,7 @@ def test_whiten_freezes_stem():
     assert not torch.equal(model.stem.conv.weight, w), "stem trains when whiten=False"
     model2 = cifar_resnet((8, 8, 8), num_classes=4, stem_width=8)
     train(model2, ds, 1, seed=0, whiten=True, **TINY)
-    from calibkit.models import whiten_stem_
+    from calibkit.cifar.models import whiten_stem_
     ref = torch.nn.Conv2d(3, 8, 2, bias=False)
     g = torch.Generator().manual_seed(0)
     whiten_stem_(ref, normalize(ds.train_images[torch.randperm(256, generator=g)[:5000]]))
@@ -242,7 +242,7 @@ def test_train_profile_records_metadata():
 def test_profile_config_is_json_and_applies_epochs_then_overrides():
     import json
 
-    from calibkit.train import PROFILES, profile_config
+    from calibkit.cifar.train import PROFILES, profile_config
 
     cfg = profile_config("full")
     assert cfg["width"] == list(PROFILES["full"]["width"]) and json.loads(json.dumps(cfg)) == cfg

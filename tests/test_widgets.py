@@ -7,13 +7,13 @@ matplotlib.use("Agg")
 import pytest
 import torch
 
-from calibkit.activation_stats import ActivationStats, activation_quantizers
-from calibkit.calibrate import calibrate, evaluate
-from calibkit.fake_quantize import FakeQuantState, set_fake_quantize
-from calibkit.models import cifar_resnet
-from calibkit.prepare import prepare
-from calibkit.qconfig import get_default_qconfig
-from calibkit.widgets import (explore_percentile, nines_to_percentile, percentile_explorer, percentile_to_nines)
+from calibkit.analysis.activation_stats import ActivationStats, activation_quantizers
+from calibkit.quant.calibrate import calibrate, evaluate
+from calibkit.quant.fake_quantize import FakeQuantState, set_fake_quantize
+from calibkit.cifar.models import cifar_resnet
+from calibkit.quant.prepare import prepare
+from calibkit.quant.qconfig import get_default_qconfig
+from calibkit.tutorial.widgets import (explore_percentile, nines_to_percentile, percentile_explorer, percentile_to_nines)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_live_explorer_widgets(setup):
 
 
 def test_table_helpers_and_histogram_plot(tmp_path):
-    from calibkit.calib_plots import format_table, html_table, plot_histogram_with_clips, write_csv
+    from calibkit.tutorial.figures import format_table, html_table, plot_histogram_with_clips, write_csv
 
     rows = [{"method": "mse", "accuracy": 0.91234, "seconds": 3}, {"method": "kl<x>", "accuracy": float("nan")}]
     text = format_table(rows, floatfmt="{:.2f}").splitlines()

@@ -192,7 +192,7 @@ def _nines_positions(percentiles: Sequence[float]) -> tuple[list[float], list[st
 def plot_percentile_gallery(gallery: Mapping[str, Mapping],
                             show_percentiles: Sequence[float] = (99.0, 99.9, 99.99, 100.0),
                             figsize_per_row=(12, 3.0)):
-    """One row per distribution of :func:`calibkit.percentile_gallery.percentile_gallery`.
+    """One row per distribution of :func:`calibkit.tutorial.gallery.percentile_gallery`.
 
     Left: histogram of ``|x|`` with the thresholds of ``show_percentiles``. Right: SQNR vs percentile
     for every bit width (solid: all values; dashed: the bulk up to the 99th percentile of ``|x|``).
@@ -289,7 +289,7 @@ def write_csv(path: str | Path, rows: Sequence[Mapping], columns: Sequence[str] 
 
 
 # -- notebooks 02 and 04: min_max sweep, steps curve, method table, ranks, tuning path ----------------
-# (rows / summaries from calibkit.experiments; accuracies are fractions and are drawn in %)
+# (rows / summaries from calibkit.tutorial.experiments; accuracies are fractions and are drawn in %)
 def _grid(n_rows: int, n_cols: int, figsize, sharey: bool = True):
     import matplotlib.pyplot as plt
 
@@ -298,7 +298,7 @@ def _grid(n_rows: int, n_cols: int, figsize, sharey: bool = True):
 
 
 def plot_minmax_sweep(rows: Sequence[Mapping], x: str = "averaging_constant", figsize=None):
-    """``min_max`` sweep (``calibkit.experiments.sweep_min_max`` rows): validation accuracy (%) against
+    """``min_max`` sweep (``calibkit.tutorial.experiments.sweep_min_max`` rows): validation accuracy (%) against
     ``x`` (``"averaging_constant"`` or ``"batch_size"``, log axis), one panel per (activation bits,
     steps), one line per value of the other parameter. Returns the ``Figure``."""
     if x not in ("averaging_constant", "batch_size"):
@@ -335,7 +335,7 @@ def plot_minmax_sweep(rows: Sequence[Mapping], x: str = "averaging_constant", fi
 
 
 def plot_steps_curve(rows: Sequence[Mapping], float_accuracy: float | None = None, ax=None, figsize=(6.5, 3.5)):
-    """Accuracy (%) against the number of calibration steps (``calibkit.experiments.steps_curve`` rows,
+    """Accuracy (%) against the number of calibration steps (``calibkit.tutorial.experiments.steps_curve`` rows,
     log-2 axis), one line per (activation bits, seed); ``float_accuracy`` drawn as a dashed line."""
     fig, ax = _axes(ax, figsize)
     keys = sorted({(r["activation_bits"], r["seed"]) for r in rows}, key=lambda k: (-k[0], k[1]))
@@ -359,7 +359,7 @@ def plot_steps_curve(rows: Sequence[Mapping], float_accuracy: float | None = Non
 
 def plot_accuracy_by_setting(rows: Sequence[Mapping], ax=None, figsize=(8, 3.5)):
     """Grouped bars: mean accuracy (%) over seeds per setting (groups) and method (bars), with the
-    seed-to-seed range as error bars (``calibkit.experiments.compare_methods`` rows)."""
+    seed-to-seed range as error bars (``calibkit.tutorial.experiments.compare_methods`` rows)."""
     fig, ax = _axes(ax, figsize)
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -386,7 +386,7 @@ def plot_accuracy_by_setting(rows: Sequence[Mapping], ax=None, figsize=(8, 3.5))
 
 
 def plot_method_summary(summary: Mapping[str, Mapping], figsize=(11, 3.2)):
-    """The method table as three bar panels (``calibkit.experiments.method_summary``): calibration time
+    """The method table as three bar panels (``calibkit.tutorial.experiments.method_summary``): calibration time
     (s), mean accuracy (%) and ease-of-use range (accuracy points), each with its noise as an error bar
     and the kit's rank written on the bar."""
     import matplotlib.pyplot as plt
@@ -422,7 +422,7 @@ def plot_rank_comparison(summary: Mapping[str, Mapping], spec: Mapping[str, Mapp
     import matplotlib.pyplot as plt
 
     if spec is None:
-        from .experiments import SPEC_RANKS as spec
+        from calibkit.tutorial.experiments import SPEC_RANKS as spec
     fig, axes = plt.subplots(1, 3, figsize=figsize, sharey=True)
     methods = list(summary)
     for ax, col in zip(axes, ("speed", "accuracy", "ease")):
@@ -449,7 +449,7 @@ def plot_rank_comparison(summary: Mapping[str, Mapping], spec: Mapping[str, Mapp
 
 
 def plot_tuning_path(rows: Sequence[Mapping], figsize=(8, 4.8)):
-    """The percentile tuning path (``calibkit.experiments.tune_percentile`` rows): top, accuracy (%) of
+    """The percentile tuning path (``calibkit.tutorial.experiments.tune_percentile`` rows): top, accuracy (%) of
     every evaluated point (accepted: filled, rejected: crosses) with the running best; bottom, the
     percentile tried (as number of nines, left axis) and the bins (right axis, log 2)."""
     import matplotlib.pyplot as plt

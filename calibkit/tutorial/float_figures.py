@@ -30,7 +30,7 @@ def sample_grid(images: torch.Tensor, labels: torch.Tensor, classes, per_class: 
 
 
 def training_curves(history: dict) -> Figure:
-    """Train loss (left) and train / test accuracy (right) per epoch from a ``calibkit.train.train`` history
+    """Train loss (left) and train / test accuracy (right) per epoch from a ``calibkit.cifar.train.train`` history
     (``epoch`` may be missing: epochs are then numbered 1, 2, ...)."""
     ep = history.get("epoch") or list(range(1, len(history["train_loss"]) + 1))
     fig = Figure(figsize=(10, 3.6))

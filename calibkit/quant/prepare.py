@@ -46,9 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from .errors import PrepareError
-from .fake_quantize import FakeQuantize, FakeQuantState, named_quantizers
-from .qconfig import QConfig, QuantizerSite, resolve_specs
+from calibkit.errors import PrepareError
+from calibkit.quant.fake_quantize import FakeQuantize, FakeQuantState, named_quantizers
+from calibkit.quant.qconfig import QConfig, QuantizerSite, resolve_specs
 
 __all__ = ["prepare", "QConv1d", "QConv2d", "QConv3d", "QLinear", "ACTIVATION_ROOT"]
 
@@ -68,7 +68,7 @@ class _QuantWeightMixin:
     """Conv / linear whose weight passes through ``self.weight_fake_quant``.
 
     While both the weight quantizer and the quantizer of the input (``_input_quantizer``, linked by
-    ``prepare``) fake-quantize, the op follows the integer model (``calibkit.convert``):
+    ``prepare``) fake-quantize, the op follows the integer model (``calibkit.quant.convert``):
 
     * the bias is rounded to the int32 grid of the accumulator, ``s_in * s_w[c]``;
     * in eval mode (VALIDATION) the op runs on the integer codes, ``(conv(q_x, q_w) + q_bias) * s_in * s_w``,
@@ -397,11 +397,11 @@ def prepare(model: nn.Module, qconfig: QConfig, example_inputs: Any, overrides: 
 
     Args:
         model: float ``nn.Module``, traceable by ``torch.fx``.
-        qconfig: global :class:`~calibkit.qconfig.QConfig` (e.g. ``get_default_qconfig()``).
+        qconfig: global :class:`~calibkit.quant.qconfig.QConfig` (e.g. ``get_default_qconfig()``).
         example_inputs: a tensor or tuple of positional inputs on the model's device, run once to
             find which values are floating-point tensors (e.g. ``torch.randn(1, 3, 32, 32)``).
         overrides: per-op settings, ``{quantizer name | module name | module type: QConfig/QuantSpec}``
-            (priority: quantizer name > module name > module type > global; see ``calibkit.qconfig``).
+            (priority: quantizer name > module name > module type > global; see ``calibkit.quant.qconfig``).
         leaf_modules: module types or names to keep as opaque ops instead of tracing into them.
 
     Returns an ``fx.GraphModule`` in eval mode whose quantizers observe and pass values through

@@ -43,7 +43,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import DataNotFoundError
+from calibkit.errors import DataNotFoundError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 #: Per-channel (R, G, B) mean and standard deviation of the CIFAR-10 training images, on the 0..1 scale.

@@ -1,7 +1,7 @@
 """Interactive percentile explorer (notebook 03): sliders re-derive thresholds and re-measure accuracy.
 
 :func:`explore_percentile` is the plain, tested compute function behind the sliders: from collected
-:class:`~calibkit.activation_stats.ActivationStats` it re-derives every activation threshold for a
+:class:`~calibkit.analysis.activation_stats.ActivationStats` it re-derives every activation threshold for a
 global ``percentile`` / ``bins`` (bit-identical to a ``percentile`` calibration with those
 settings), loads them at ``bits`` into a prepared model and measures validation accuracy on a fixed
 image subset. No calibration batch is run again, so a slider move costs one evaluation pass.
@@ -24,10 +24,10 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from .activation_stats import ActivationStats
-from .calibrate import evaluate
-from .fake_quantize import FakeQuantState, set_fake_quantize
-from .quant import check_bits
+from calibkit.analysis.activation_stats import ActivationStats
+from calibkit.quant.calibrate import evaluate
+from calibkit.quant.fake_quantize import FakeQuantState, set_fake_quantize
+from calibkit.quant.numerics import check_bits
 
 __all__ = ["explore_percentile", "percentile_explorer", "PercentileExplorer", "nines_to_percentile",
            "percentile_to_nines", "accuracy_readout", "explorer_figure", "NINES_RANGE", "BITS_OPTIONS"]
@@ -115,7 +115,7 @@ def accuracy_readout(result: Mapping, subset: str, float_accuracy: float | None 
 def explorer_figure(result: Mapping, method_clips: Mapping[str, Mapping[str, float]] | None = None):
     """The explorer's figure for a result of :func:`explore_percentile`: the layer's histogram with the
     slider's clip (black) and, if given, other methods' clips ``method_clips[layer]``."""
-    from .calib_plots import plot_histogram_with_clips
+    from calibkit.tutorial.figures import plot_histogram_with_clips
 
     clips = dict((method_clips or {}).get(result["layer"], {}))
     label = f"slider p={result['percentile']:.6g}"

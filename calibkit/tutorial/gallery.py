@@ -11,7 +11,7 @@ Synthetic, seeded distributions (values are signed; the percentile works on ``|x
 
 :func:`percentile_curve` sweeps the percentile on one tensor: the threshold is what
 ``PercentileObserver(percentile, bins)`` computes on it (one batch), and the quantization error is
-measured with :func:`calibkit.quant.quantize_dequantize` at each bit width, as
+measured with :func:`calibkit.quant.numerics.quantize_dequantize` at each bit width, as
 
 * ``sqnr_db``: signal-to-quantization-noise ratio over all values (dominated by the largest ones),
 * ``bulk_sqnr_db``: the same over the *bulk*, the values up to the 99th percentile of ``|x|`` (where
@@ -19,7 +19,7 @@ measured with :func:`calibkit.quant.quantize_dequantize` at each bit width, as
 * ``zero_fraction``: share of non-zero values rounded to 0 (lost entirely).
 
 :func:`percentile_gallery` runs it on all three distributions and adds the histogram for plotting
-(:func:`calibkit.calib_plots.plot_percentile_gallery`).
+(:func:`calibkit.tutorial.figures.plot_percentile_gallery`).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Sequence
 
 import torch
 
-from .observers import PercentileObserver, check_int_range, check_percentile
-from .quant import check_bits, quantize_dequantize, scale_from_amax
+from calibkit.quant.observers import PercentileObserver, check_int_range, check_percentile
+from calibkit.quant.numerics import check_bits, quantize_dequantize, scale_from_amax
 
 __all__ = ["GALLERY_PERCENTILES", "GalleryDistribution", "gallery_distributions", "percentile_curve",
            "percentile_gallery", "gallery_summary"]

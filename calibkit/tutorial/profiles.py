@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint
-from .data import ImageTensors, calibration_batches, load_cifar10, normalize
-from .errors import CheckpointError
+from calibkit.cifar.checkpoint import load_checkpoint
+from calibkit.cifar.data import ImageTensors, calibration_batches, load_cifar10, normalize
+from calibkit.errors import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def load_float_model(checkpoint_path: str | Path, device=None) -> tuple[nn.Modul
         raise CheckpointError(
             f"checkpoint_path={str(path)!r} does not exist. The quantization notebooks start from the float model "
             "that notebook 01 trains: run it first (`make tutorial`, or "
-            "`python -m calibkit.runner --profile smoke --only 01` for a fast one) or point checkpoint_path at "
+            "`python -m calibkit.tutorial.runner --profile smoke --only 01` for a fast one) or point checkpoint_path at "
             "your own calibkit checkpoint.")
     model, meta = load_checkpoint(path, map_location=device or "cpu")
     return model.eval(), meta

@@ -30,8 +30,8 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from .observers import ObserverBase, get_observer_class
-from .quant import check_bits
+from calibkit.quant.observers import ObserverBase, get_observer_class
+from calibkit.quant.numerics import check_bits
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class QuantSpec:
 
     def create(self):
         """A new ``FakeQuantize`` with this spec."""
-        from .fake_quantize import FakeQuantize
+        from calibkit.quant.fake_quantize import FakeQuantize
         return FakeQuantize(self.create_observer())
 
     def __repr__(self) -> str:

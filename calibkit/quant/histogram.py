@@ -17,7 +17,7 @@ Searches over thresholds are vectorized over all candidates (prefix sums over th
 Python loop over bins anywhere.
 
 On a CPU, single-row histograms of ``|x|`` are counted by the compiled one-pass kernel of
-:mod:`calibkit.native` when it is available (the same counts as the torch-ops path, which is the fallback and
+:mod:`calibkit.quant.native` when it is available (the same counts as the torch-ops path, which is the fallback and
 the path on accelerators).
 """
 
@@ -30,9 +30,9 @@ import threading
 import numpy as np
 import torch
 
-from . import native
-from .errors import CalibrationError
-from .quant import qrange
+from calibkit.quant import native
+from calibkit.errors import CalibrationError
+from calibkit.quant.numerics import qrange
 
 #: Elements per chunk on CPU (512 KiB of float32: the chunk and its work buffers stay in L2 cache).
 CPU_CHUNK = 1 << 17
@@ -360,7 +360,7 @@ class AccumulatingHistogram:
         """Add the values of ``x`` (any shape; binned in float32).
 
         ``minmax``: ``x``'s (min, max) if the caller already has them (saves a pass). Without it, once the
-        histogram has started, a CPU float32 ``x`` is binned by the compiled kernel (:mod:`calibkit.native`)
+        histogram has started, a CPU float32 ``x`` is binned by the compiled kernel (:mod:`calibkit.quant.native`)
         in one pass that also finds its largest ``|x|``. Non-finite values raise
         :class:`~calibkit.errors.CalibrationError` (naming the NaN and Inf counts; ``owner`` starts the
         message) and leave the histogram unchanged."""

@@ -42,10 +42,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import PrepareError
-from .fake_quantize import FakeQuantize
-from .prepare import QConv1d, QConv2d, QConv3d, QLinear, _is_add, _is_passthrough, _is_relu
-from .quant import qrange, quantize
+from calibkit.errors import PrepareError
+from calibkit.quant.fake_quantize import FakeQuantize
+from calibkit.quant.prepare import QConv1d, QConv2d, QConv3d, QLinear, _is_add, _is_passthrough, _is_relu
+from calibkit.quant.numerics import qrange, quantize
 
 __all__ = ["convert", "named_int_ops", "fixed_point_multiplier", "requantize_fixed_point", "Quantize", "Dequantize",
            "IntConv", "IntLinear", "IntAdd", "IntMul", "IntCat"]
@@ -291,7 +291,7 @@ def convert(model: fx.GraphModule, fixed_point: bool = False) -> fx.GraphModule:
     inputs and returning float32 outputs (dequantized codes). See the module docstring.
     """
     if not isinstance(model, fx.GraphModule) or not any(isinstance(m, FakeQuantize) for m in model.modules()):
-        raise TypeError("convert expects a model returned by calibkit.prepare (an fx.GraphModule with FakeQuantize modules)")
+        raise TypeError("convert expects a model returned by calibkit.quant.prepare (an fx.GraphModule with FakeQuantize modules)")
     modules = dict(model.named_modules())
     for root in _INT_ROOTS:
         if root in modules:
@@ -394,7 +394,7 @@ def _get_attr(model: nn.Module, target: str):
 
 def _fq_weight(mod: nn.Module) -> torch.Tensor:
     wfq = mod.weight_fake_quant
-    from .quant import quantize_dequantize
+    from calibkit.quant.numerics import quantize_dequantize
     return quantize_dequantize(mod.weight.detach(), wfq.validation_scale(), wfq.bits, wfq.ch_axis)
 
 

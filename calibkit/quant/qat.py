@@ -16,14 +16,13 @@ Weight quantizers always keep observing, so their scales follow the weights as t
 
 Schedule: Nesterov SGD, linear warm-up over ``warmup_fraction`` of the steps then cosine decay to 0,
 label smoothing, weight decay on weights (ndim > 1) only, random flips / translations
-(``calibkit.train.augment``). Data order and augmentation come from one generator seeded by
+(``calibkit.cifar.train.augment``). Data order and augmentation come from one generator seeded by
 ``seed``: the same seed and budget give the same run.
 
 :func:`recommend_fixed_scales` turns the spec's observation (fixing helps when calibration is
 already close to float, hurts when it is poor) into a rule with a stated threshold.
 
-Checkpoints of prepared models (calibration or QAT state): :func:`save_prepared` /
-:func:`load_prepared` (atomic write; the loader needs a model prepared the same way).
+Checkpoints of prepared models: :mod:`calibkit.quant.io`.
 """
 
 from __future__ import annotations
@@ -38,51 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import evaluate, model_device
-from .checkpoint import atomic_torch_save
-from .errors import CheckpointError
-from .fake_quantize import FakeQuantState, _require_quantizers, fix_activation_scales, set_fake_quantize
+from calibkit.quant.calibrate import evaluate, model_device
+from calibkit.quant.io import save_prepared
+from calibkit.quant.fake_quantize import FakeQuantState, _require_quantizers, fix_activation_scales, set_fake_quantize
 
-__all__ = ["train_qat", "qat_lr_multiplier", "activation_scales", "weight_scales", "save_prepared", "load_prepared",
-           "Recommendation", "recommend_fixed_scales", "relative_gap", "measured_choice", "DEFAULT_GAP_THRESHOLD",
-           "PREPARED_FORMAT"]
-
-PREPARED_FORMAT = "calibkit-prepared"
-
-
-# -- checkpoints of prepared models ---------------------------------------------------------------------
-def save_prepared(path: str | Path, model: nn.Module, meta: dict | None = None) -> Path:
-    """Save a prepared model's ``state_dict`` (weights, scales, observer statistics, flags) and ``meta``
-    to ``path`` atomically (temporary file + ``os.replace``). Returns the path."""
-    qs = _require_quantizers(model)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    payload = {"format": PREPARED_FORMAT, "state_dict": state, "quantizers": list(qs), "meta": dict(meta or {})}
-    return atomic_torch_save(payload, path)
-
-
-def load_prepared(path: str | Path, model: nn.Module) -> dict:
-    """Load a checkpoint written by :func:`save_prepared` into ``model`` (prepared with the same float
-    model and qconfig); returns its ``meta``. Mismatches raise ``CheckpointError``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint path={str(path)!r} does not exist")
-    try:
-        payload = torch.load(path, map_location=model_device(model), weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} is unreadable: {type(e).__name__}: {e}") from e
-    if not isinstance(payload, dict) or payload.get("format") != PREPARED_FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a prepared-model checkpoint (format {PREPARED_FORMAT!r})")
-    names = list(_require_quantizers(model))
-    if payload["quantizers"] != names:
-        missing = sorted(set(payload["quantizers"]) ^ set(names))[:5]
-        raise CheckpointError(f"checkpoint {str(path)!r} was saved from a model with other quantizers "
-                              f"(differences: {missing}): prepare the model with the same float model and qconfig")
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this model: {e}") from e
-    return payload["meta"]
-
+__all__ = ["train_qat", "qat_lr_multiplier", "activation_scales", "weight_scales", "Recommendation", "recommend_fixed_scales", "relative_gap", "measured_choice", "DEFAULT_GAP_THRESHOLD"]
 
 # -- scales ---------------------------------------------------------------------------------------------
 def activation_scales(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -127,7 +86,7 @@ def train_qat(model: nn.Module, train_images: torch.Tensor, train_labels: torch.
     Args:
         model: output of ``prepare``, calibrated (every quantizer has a scale; else ``CalibrationError``).
         train_images, train_labels: uint8 ``[N, 3, H, W]`` images (augmented, then normalized with
-            ``calibkit.data.normalize``) or float ``[N, ...]`` already-normalized inputs (augmented only),
+            ``calibkit.cifar.data.normalize``) or float ``[N, ...]`` already-normalized inputs (augmented only),
             and int64 labels ``[N]``.
         val_images, val_labels: normalized float validation data for the curve (optional).
         fix_feature_map_scales: fix activation scales (True) or let activation observers update (False).
@@ -135,7 +94,7 @@ def train_qat(model: nn.Module, train_images: torch.Tensor, train_labels: torch.
             at least 1. batch_size: in [1, N]. lr: peak learning rate (> 0).
         momentum: Nesterov momentum in [0, 1). weight_decay: >= 0 (weights only). label_smoothing: [0, 1).
         warmup_fraction: share of steps with linear warm-up, in [0, 1).
-        flip, translate: augmentation (``calibkit.train.augment``). seed: data order + augmentation.
+        flip, translate: augmentation (``calibkit.cifar.train.augment``). seed: data order + augmentation.
         evals: validation points along the run besides the start (>= 1; needs val data).
         checkpoint_path: if given, the prepared model is saved there (:func:`save_prepared`, atomic) at
             every whole epoch and at the end, with ``checkpoint_meta`` plus the history so far.
@@ -146,8 +105,8 @@ def train_qat(model: nn.Module, train_images: torch.Tensor, train_labels: torch.
     start) at the start and at each validation point; ``steps``, ``seconds`` (training only),
     ``fix_feature_map_scales`` and the settings. The model ends in eval mode, ``FakeQuantState.VALIDATION``.
     """
-    from .data import normalize
-    from .train import augment
+    from calibkit.cifar.data import normalize
+    from calibkit.cifar.train import augment
 
     n = len(train_images)
     if len(train_labels) != n or n == 0:

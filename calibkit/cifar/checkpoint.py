@@ -12,16 +12,15 @@ typical keys: ``data_source``, ``test_accuracy`` (0..1), ``seed``, ``profile``.
 """
 
 import datetime
-import os
 import pathlib
-import uuid
 
 import torch
 
-from .errors import CheckpointError
-from .models import ARCHITECTURES, build_model
+from calibkit.errors import CheckpointError
+from calibkit.files import atomic_torch_save
+from calibkit.cifar.models import ARCHITECTURES, build_model
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "reusable_checkpoint", "atomic_torch_save", "FORMAT", "FORMAT_VERSION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "reusable_checkpoint", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "calibkit-checkpoint"
 FORMAT_VERSION = 1
@@ -31,7 +30,7 @@ def _arch_of(model) -> tuple[str, dict]:
     config = getattr(model, "config", None)
     arch = getattr(model, "arch_name", None)
     if arch not in ARCHITECTURES or not isinstance(config, dict):
-        raise TypeError(f"model {type(model).__name__} cannot be checkpointed: build it with calibkit.models "
+        raise TypeError(f"model {type(model).__name__} cannot be checkpointed: build it with calibkit.cifar.models "
                         f"({sorted(ARCHITECTURES)}) so that its architecture and constructor kwargs are known")
     return arch, dict(config)
 
@@ -54,14 +53,14 @@ def _check_json_like(value, where: str):
 
 
 def save_checkpoint(path, model, meta: dict | None = None) -> pathlib.Path:
-    """Write ``model`` (a ``calibkit.models`` model) and ``meta`` to ``path`` atomically.
+    """Write ``model`` (a ``calibkit.cifar.models`` model) and ``meta`` to ``path`` atomically.
 
     The file is first written to a temporary ``<stem>.<random>.pt.tmp`` beside ``path`` and then moved
     over it with ``os.replace``, so readers never see a partial file; parent folders are created.
     ``calibkit_version``, ``torch_version`` and ``created`` are added to ``meta`` (caller keys win).
     Returns the path written.
     """
-    from . import __version__
+    from calibkit.version import __version__
 
     path = pathlib.Path(path)
     arch, arch_kwargs = _arch_of(model)
@@ -73,24 +72,6 @@ def save_checkpoint(path, model, meta: dict | None = None) -> pathlib.Path:
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "arch": arch, "arch_kwargs": arch_kwargs,
                "state_dict": state, "meta": meta}
     return atomic_torch_save(payload, path)
-
-
-def atomic_torch_save(payload, path) -> pathlib.Path:
-    """``torch.save(payload)`` to ``path`` atomically: a temporary file in the same folder, fsync, then
-    ``os.replace``; a crash leaves either the old file or the new one, never a truncated file."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{uuid.uuid4().hex[:12]}{path.suffix or '.pt'}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def _read(path, map_location) -> dict:

@@ -3,7 +3,7 @@
 Everything here is a plain function over a float model, calibration batches and a labelled
 validation set (normalized float ``[N, 3, H, W]`` images, int64 ``[N]`` labels); accuracies are
 fractions in [0, 1], times are wall-clock seconds. Rows are lists of flat dicts, ready for
-:func:`save_rows` (CSV + JSON) and :class:`calibkit.debug.Table`.
+:func:`save_rows` (CSV + JSON) and :class:`calibkit.analysis.report.Table`.
 
 Notebook 02 -- the ``min_max`` first pass (spec section 5):
 
@@ -26,13 +26,13 @@ Notebook 04 -- reproducing the spec's method table (section 4):
   differences that are within seed-to-seed noise.
 * :func:`tune_percentile`: the alternating percentile / bins search of spec section 4 on any
   ``evaluate_fn(percentile, bins) -> accuracy``; :func:`percentile_evaluator` builds a fast one
-  from :class:`calibkit.activation_stats.ActivationStats` (no re-calibration per point), and
+  from :class:`calibkit.analysis.activation_stats.ActivationStats` (no re-calibration per point), and
   :func:`exclude_subset` gives the validation images the search never saw.
 * :func:`save_rows` / :func:`save_json`: tables as CSV + JSON, metrics as JSON (non-finite -> null).
 
 Definitions (also printed by the notebooks):
 
-* **speed**: median calibration wall time (``calibkit.calibrate.calibrate``: forward passes plus the
+* **speed**: median calibration wall time (``calibkit.quant.calibrate.calibrate``: forward passes plus the
   final scale computation) over every (setting, seed, repeat) run of a method; every method sees the
   same batches in each run, and the method order is rotated from run to run so that none is always
   first.
@@ -63,14 +63,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import calibrate, evaluate, model_device
-from .data import ImageTensors, calibration_batches
-from .errors import CalibrationError
-from .fake_quantize import FakeQuantState, named_quantizers, set_fake_quantize
-from .observers import check_averaging_constant, check_percentile
-from .prepare import prepare
-from .qconfig import QConfig, get_default_qconfig
-from .quant import check_bits, scale_from_amax
+from calibkit.quant.calibrate import calibrate, evaluate, model_device
+from calibkit.cifar.data import ImageTensors, calibration_batches
+from calibkit.errors import CalibrationError
+from calibkit.quant.fake_quantize import FakeQuantState, named_quantizers, set_fake_quantize
+from calibkit.quant.observers import check_averaging_constant, check_percentile
+from calibkit.quant.prepare import prepare
+from calibkit.quant.qconfig import QConfig, get_default_qconfig
+from calibkit.quant.numerics import check_bits, scale_from_amax
 
 __all__ = [
     "METHODS", "QuantSetting", "SETTINGS", "EASE_GRIDS", "SPEC_RANKS", "COLUMNS",
@@ -176,7 +176,7 @@ def calibrate_and_evaluate(model: nn.Module, qconfig: QConfig, calib: Sequence[t
 
     Args:
         model: float model in eval mode (not modified: ``prepare`` works on a copy).
-        qconfig / overrides: as for :func:`calibkit.prepare.prepare`.
+        qconfig / overrides: as for :func:`calibkit.quant.prepare.prepare`.
         calib: calibration batches (normalized float ``[B, 3, H, W]`` tensors).
         val_images / val_labels: validation set (normalized float ``[N, ...]`` / int64 ``[N]``).
         example_inputs: for tracing (default: the first two images of ``calib[0]``).
@@ -322,7 +322,7 @@ def _batches_fn(data, device=None) -> BatchesFn:
         return lambda n, bs, seed: calibration_batches(data, n, bs, seed=seed, flip=True, device=device)
     if callable(data):
         return data
-    raise TypeError(f"data must be an ImageTensors dataset (calibkit.data.load_cifar10) or a callable "
+    raise TypeError(f"data must be an ImageTensors dataset (calibkit.cifar.data.load_cifar10) or a callable "
                     f"(num_batches, batch_size, seed) -> list of batches, got {type(data).__name__}")
 
 
@@ -340,7 +340,7 @@ def sweep_min_max(model: nn.Module, data, val_images: torch.Tensor, val_labels: 
     """Validation accuracy of ``min_max`` calibration over batch size x averaging constant x steps.
 
     Args:
-        data: ``ImageTensors`` (batches drawn with :func:`calibkit.data.calibration_batches`, flips on) or
+        data: ``ImageTensors`` (batches drawn with :func:`calibkit.cifar.data.calibration_batches`, flips on) or
             a callable ``(num_batches, batch_size, seed) -> list of batches``.
         batch_sizes: images per calibration batch. averaging_constants: values of c in [0, 1].
         steps: numbers of calibration batches (include a few-steps case such as 2 and a many-steps case).
@@ -446,10 +446,10 @@ def _rotated(seq: Sequence, k: int) -> list:
 
 
 def _check_methods(methods) -> list[str]:
-    from .observers import get_observer_class
+    from calibkit.quant.observers import get_observer_class
     methods = list(methods)
     if not methods:
-        raise ValueError("methods is empty: give at least one observer name, e.g. calibkit.experiments.METHODS")
+        raise ValueError("methods is empty: give at least one observer name, e.g. calibkit.tutorial.experiments.METHODS")
     for m in methods:
         get_observer_class(m)  # clear ValueError for unknown names
     return methods
@@ -842,7 +842,7 @@ def percentile_evaluator(model: nn.Module, calib: Sequence[torch.Tensor], images
                          example_inputs=None, eval_batch_size: int = 500, progress: bool = False):
     """A fast ``evaluate_fn(percentile, bins) -> accuracy`` for :func:`tune_percentile`.
 
-    Collects :class:`calibkit.activation_stats.ActivationStats` of ``calib`` once (or uses ``stats``),
+    Collects :class:`calibkit.analysis.activation_stats.ActivationStats` of ``calib`` once (or uses ``stats``),
     then every call re-derives the activation clips that ``PercentileObserver(percentile, bins,
     averaging_constant)`` would produce on those batches (bit for bit), loads them and evaluates on
     ``images`` / ``labels``. ``bins`` must be a power of two up to the statistics' ``fine_bins``.
@@ -850,7 +850,7 @@ def percentile_evaluator(model: nn.Module, calib: Sequence[torch.Tensor], images
     statistics (e.g. tune on a subset, then report on the full validation set). The returned function
     has attributes ``prepared``, ``stats`` and ``calls`` (number of evaluations).
     """
-    from .activation_stats import ActivationStats
+    from calibkit.analysis.activation_stats import ActivationStats
 
     calib = _check_batches(calib)
     prepared = prepare(model, setting.qconfig("percentile", averaging_constant=averaging_constant),

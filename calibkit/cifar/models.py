@@ -52,7 +52,7 @@ class Residual(nn.Module):
 class Stage(nn.Module):
     """``conv-BN-ReLU (c_in → c_out) → MaxPool 2x2 → blocks × Residual``; halves H and W (floor).
 
-    ``pool_first`` (default False; ``calibkit.train.train`` switches it on while it trains): in training mode,
+    ``pool_first`` (default False; ``calibkit.cifar.train.train`` switches it on while it trains): in training mode,
     run ``conv → MaxPool → BN → ReLU`` instead, so BN and ReLU (forward and backward) touch 4x fewer elements.
     BN then normalizes with the statistics of the pooled map. In eval mode the order is always
     ``conv → BN → ReLU → MaxPool``, which is what fusion, calibration and conversion see; for a BN with a
@@ -88,7 +88,7 @@ class CifarResNet(nn.Module):
     Input: normalized float ``[N, 3, 32, 32]`` (other sizes >= 16 px also work). Output: logits ``[N, num_classes]``.
     """
 
-    arch_name = "cifar_resnet"  # key in ARCHITECTURES, used by calibkit.checkpoint
+    arch_name = "cifar_resnet"  # key in ARCHITECTURES, used by calibkit.cifar.checkpoint
 
     def __init__(self, width=(64, 128, 128), num_classes: int = 10, stem_width: int | None = None, blocks=(1, 1, 1)):
         super().__init__()

@@ -202,7 +202,7 @@ def abs_counts(x: torch.Tensor, mult: float, length: int, keep_over: int = 0
     """
     fn = _load() if _enabled() else None
     if fn is None:
-        raise RuntimeError("the compiled histogram kernel is unavailable: check calibkit.native.usable(x) first")
+        raise RuntimeError("the compiled histogram kernel is unavailable: check calibkit.quant.native.usable(x) first")
     if x.device.type != "cpu" or x.dtype != torch.float32:
         raise ValueError(f"abs_counts needs a CPU float32 tensor, got {x.dtype} on {x.device}")
     length, keep_over = int(length), int(keep_over)

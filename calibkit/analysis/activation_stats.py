@@ -7,7 +7,7 @@ prepared model **once** and keeps, for every activation quantizer and every batc
 * ``amax``: the batch ``max |x|`` (float32, exactly what the observers compute),
 * ``cum_counts``: the *cumulative* counts of a fine histogram of ``|x|`` over ``[0, amax]`` with
   ``fine_bins`` equal bins, built with the same binning code as
-  :class:`~calibkit.observers.PercentileObserver` (:func:`calibkit.histogram.abs_histogram`),
+  :class:`~calibkit.quant.observers.PercentileObserver` (:func:`calibkit.quant.histogram.abs_histogram`),
 * ``numel``: the number of values in the batch.
 
 :meth:`ActivationStats.percentile_amax` then reproduces a ``PercentileObserver(percentile, bins,
@@ -17,7 +17,7 @@ multiplier ``bins / amax`` differs from ``fine_bins / amax`` by an exact power o
 float by a power of two is exact, so ``floor(fine_index / (fine_bins / bins))`` *is* the observer's
 bin index for every value (the last, closed bin included). Every ``fine_bins / bins``-th cumulative
 count therefore gives the observer's histogram exactly (a strided read, no summation); the clip is
-computed by the observer's own :func:`~calibkit.histogram.percentile_from_histogram` and
+computed by the observer's own :func:`~calibkit.quant.histogram.percentile_from_histogram` and
 moving-averaged with the same float32 operations, so the thresholds are identical, ties and
 interpolation included.
 
@@ -37,11 +37,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import CalibrationError, PrepareError, StateError
-from .fake_quantize import FakeQuantize, named_quantizers
-from .histogram import MAX_BINS, abs_histogram, percentile_from_histogram
-from .observers import check_averaging_constant, check_int_range, check_percentile
-from .quant import check_bits, scale_from_amax
+from calibkit.errors import CalibrationError, PrepareError, StateError
+from calibkit.quant.fake_quantize import FakeQuantize, named_quantizers
+from calibkit.quant.histogram import MAX_BINS, abs_histogram, percentile_from_histogram
+from calibkit.quant.observers import check_averaging_constant, check_int_range, check_percentile
+from calibkit.quant.numerics import check_bits, scale_from_amax
 
 __all__ = ["ActivationStats", "activation_quantizers", "DEFAULT_FINE_BINS"]
 
@@ -56,7 +56,7 @@ def activation_quantizers(model: nn.Module) -> dict[str, FakeQuantize]:
     qs = {n: q for n, q in named_quantizers(model).items() if q.kind != "weight"}
     if not qs:
         raise PrepareError(f"{type(model).__name__} has no activation quantizers: "
-                           "call calibkit.prepare(model, ...) first")
+                           "call calibkit.quant.prepare(model, ...) first")
     return qs
 
 
@@ -99,7 +99,7 @@ class ActivationStats:
         """Run ``batches`` through the prepared ``model`` once (in float) and record the statistics.
 
         Args:
-            model: output of :func:`calibkit.prepare`, in eval mode (``StateError`` otherwise).
+            model: output of :func:`calibkit.quant.prepare`, in eval mode (``StateError`` otherwise).
             batches: list/iterable of normalized float input tensors, or ``(inputs, labels)`` pairs.
             fine_bins: bins of the stored histograms, a power of two in ``[2, 2**20]`` (default 32768).
             progress: show a tqdm progress bar.

@@ -53,11 +53,11 @@ import math
 import torch
 from torch import nn
 
-from .errors import CalibrationError
-from .histogram import (MAX_BINS, AccumulatingHistogram, abs_histogram, abs_order_statistics, column_chunks,
+from calibkit.errors import CalibrationError
+from calibkit.quant.histogram import (MAX_BINS, AccumulatingHistogram, abs_histogram, abs_order_statistics, column_chunks,
                         kl_threshold_bins, nonfinite_error, percentile_from_histogram, percentile_ranks,
                         signed_histogram, squared_error_bound_tables, squared_error_table, workspace)
-from .quant import MIN_SCALE, check_bits, qrange, scale_from_amax
+from calibkit.quant.numerics import MIN_SCALE, check_bits, qrange, scale_from_amax
 
 
 def check_averaging_constant(c: float) -> float:
@@ -135,7 +135,7 @@ class ObserverBase(nn.Module):
         return x
 
     def _scans_input(self, x: torch.Tensor) -> bool:
-        """True when ``_observe(x)`` itself detects NaN/Inf (raising :func:`~calibkit.histogram.nonfinite_error`)
+        """True when ``_observe(x)`` itself detects NaN/Inf (raising :func:`~calibkit.quant.histogram.nonfinite_error`)
         without needing the batch min/max, so the input check skips its min/max pass (default: False)."""
         return False
 
@@ -278,7 +278,7 @@ class FixedScaleObserver(ObserverBase):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ValueError(f"{label}={value!r} is out of range: use a finite number > 0")
         if scale is not None:
-            from .quant import qrange
+            from calibkit.quant.numerics import qrange
             qmin, qmax = qrange(bits)
             value = scale * (qmax - qmin) / 2
         self.amax = torch.tensor(float(value))
@@ -307,7 +307,7 @@ class SquaredErrors:
         scales: float32 ``[C, T]``: ``T`` candidate scales per row; bits: the integer grid.
     Call it on consecutive column chunks ``xc`` (``[C, n]``, float32) of the data; ``out`` holds the
     float64 ``[C, T]`` sums (float32 partial sums per chunk). ``qdq`` is
-    ``round(x / s).clamp(qmin, qmax) * s`` as in :func:`calibkit.quant.quantize_dequantize`.
+    ``round(x / s).clamp(qmin, qmax) * s`` as in :func:`calibkit.quant.numerics.quantize_dequantize`.
     """
 
     def __init__(self, scales: torch.Tensor, bits: int):
@@ -380,7 +380,7 @@ class PercentileObserver(_BatchClipObserver):
         bits, averaging_constant, ch_axis: see :class:`ObserverBase` (per channel supported).
 
     The clip is interpolated linearly inside the bin where the target count is reached (see
-    :func:`calibkit.histogram.percentile_from_histogram`); the clip is moving-averaged.
+    :func:`calibkit.quant.histogram.percentile_from_histogram`); the clip is moving-averaged.
     """
 
     name = "percentile"
@@ -407,11 +407,11 @@ class MSEObserver(_BatchClipObserver):
         bits, averaging_constant, ch_axis: see :class:`ObserverBase` (per channel supported).
 
     All candidates are scored at once from a signed histogram (``SCORE_BINS`` bins per sign) with
-    the closed-form error table of :func:`calibkit.histogram.squared_error_table`. The best-scored
+    the closed-form error table of :func:`calibkit.quant.histogram.squared_error_table`. The best-scored
     candidate is kept only if its L2 error on the batch is smaller than that of ``k = 0`` (the
     ``min_max`` clip; ties keep ``k = 0``). That comparison is exact but as cheap as possible: guaranteed
     lower and upper error bounds of both clips, read from the same histogram with two dot products
-    (:func:`calibkit.histogram.squared_error_bound_tables`), settle it when they do not overlap;
+    (:func:`calibkit.quant.histogram.squared_error_bound_tables`), settle it when they do not overlap;
     otherwise the best candidate is quantize-dequantized on the batch, and ``k = 0`` too unless its
     bounds already settle the comparison with that measured error. Hence, on its batch, ``mse`` never
     has a larger L2 error than ``min_max``, and it usually
@@ -479,7 +479,7 @@ class MSEObserver(_BatchClipObserver):
 
     def _bounds(self, counts, amax, best, scale0, scale_best):
         """float64 ``[C]`` lower/upper error bounds of k = 0 and of the best candidate from the cached bound
-        tables (:func:`calibkit.histogram.squared_error_bound_tables`) for the signed histogram ``counts``
+        tables (:func:`calibkit.quant.histogram.squared_error_bound_tables`) for the signed histogram ``counts``
         ``[C, 2B]`` (any ``B``), or None where those do not apply (a scale clamped at ``MIN_SCALE``, or
         ``bins / amax`` overflowing float32). One row: tables of just the two candidates (the fine bins make
         a table of all of them large); several rows: the table of every candidate."""
@@ -531,7 +531,7 @@ class MixObserver(_BatchClipObserver):
 
     No parameters to tune besides ``bits``, ``averaging_constant``, ``ch_axis`` (per channel supported).
     Candidates are exact percentiles of ``|x|`` (order statistics, see
-    :func:`calibkit.histogram.abs_order_statistics`) for ``PERCENTILES`` = 99 %, then tail fractions
+    :func:`calibkit.quant.histogram.abs_order_statistics`) for ``PERCENTILES`` = 99 %, then tail fractions
     ``10**(-2 - j/4)`` down to 99.99999 %, and 100 % (the max). The L2 quantize-dequantize error is
     measured on the batch for the ``COARSE`` settings, then for the settings two and one grid steps on
     either side of the best so far; the least measured error wins (ties keep the earlier best).
@@ -574,7 +574,7 @@ class KLObserver(ObserverBase):
             the qparams raises :class:`CalibrationError`.
         bits, averaging_constant: see :class:`ObserverBase`. Per tensor only (``ch_axis=None``).
 
-    Each search (over all candidate thresholds, see :func:`calibkit.histogram.kl_divergences`) uses
+    Each search (over all candidate thresholds, see :func:`calibkit.quant.histogram.kl_divergences`) uses
     every batch seen so far; its result is one sample of the moving average (the first sets it).
     Before the search, bin 0 (``[0, width)``) gets the count of bin 1 (as in NVIDIA ModelOpt): it holds
     the exact zeros of ReLU outputs, which every grid represents exactly and which would otherwise

@@ -37,9 +37,9 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .errors import CalibrationError, PrepareError, StateError
-from .observers import ObserverBase, get_observer_class
-from .quant import fake_quantize
+from calibkit.errors import CalibrationError, PrepareError, StateError
+from calibkit.quant.observers import ObserverBase, get_observer_class
+from calibkit.quant.numerics import fake_quantize
 
 _UNSET = object()
 
@@ -273,7 +273,7 @@ def _require_quantizers(model: nn.Module) -> "OrderedDict[str, FakeQuantize]":
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     qs = named_quantizers(model)
     if not qs:
-        raise PrepareError(f"{type(model).__name__} has no FakeQuantize modules: call calibkit.prepare(model, ...) first")
+        raise PrepareError(f"{type(model).__name__} has no FakeQuantize modules: call calibkit.quant.prepare(model, ...) first")
     return qs
 
 
@@ -298,7 +298,7 @@ def ready_scales(qs, context: str = "quantizers are not calibrated") -> None:
             missing.append(f"{name} ({e.__cause__ or e})")
     if missing:
         raise CalibrationError(f"{context}: {len(missing)} quantizer(s) have no scale -- "
-                               "run calibration batches (calibkit.calibrate) first:\n  " + "\n  ".join(missing))
+                               "run calibration batches (calibkit.quant.calibrate) first:\n  " + "\n  ".join(missing))
 
 
 def set_fake_quantize(model: nn.Module, state: FakeQuantState | str) -> nn.Module:

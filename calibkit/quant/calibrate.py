@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import CalibrationError, StateError
-from .fake_quantize import FakeQuantState, FakeQuantize, named_quantizers, reset_observers, set_fake_quantize
+from calibkit.errors import CalibrationError, StateError
+from calibkit.quant.fake_quantize import FakeQuantState, FakeQuantize, named_quantizers, reset_observers, set_fake_quantize
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -73,7 +73,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
 
     Args:
         model: float, prepared (any state) or converted model, in eval mode (``StateError`` otherwise).
-        images: normalized float inputs ``[N, ...]`` (``calibkit.data.normalize`` for CIFAR uint8).
+        images: normalized float inputs ``[N, ...]`` (``calibkit.cifar.data.normalize`` for CIFAR uint8).
         labels: int64 class indices ``[N]``.
         batch_size: images per forward pass (>= 1).
         progress: show a tqdm progress bar.
@@ -82,7 +82,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     and restored afterwards.
     """
     if not isinstance(images, torch.Tensor) or not images.is_floating_point():
-        raise TypeError("images must be a normalized float tensor (use calibkit.data.normalize on uint8 images)")
+        raise TypeError("images must be a normalized float tensor (use calibkit.cifar.data.normalize on uint8 images)")
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != images.shape[0]:
         raise ValueError(f"labels must be a 1-d tensor with one label per image ({images.shape[0]}), "
                          f"got shape {tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")

@@ -8,7 +8,7 @@ notebook declares in its ``parameters`` cell are passed.
 
 Command line::
 
-    python -m calibkit.runner --profile full --output-root outputs/full [--only 03]
+    python -m calibkit.tutorial.runner --profile full --output-root outputs/full [--only 03]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 CHECKPOINT_NOTEBOOK = "01_train_float"
 
 

@@ -44,11 +44,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibrate import evaluate, model_device
-from .errors import CalibrationError, StateError
-from .fake_quantize import FakeQuantize, FakeQuantState, _require_quantizers, named_quantizers, ready_scales, set_fake_quantize
-from .qconfig import QConfig, QuantSpec
-from .quant import qrange, quantize_dequantize
+from calibkit.quant.calibrate import evaluate, model_device
+from calibkit.errors import CalibrationError, StateError
+from calibkit.quant.fake_quantize import FakeQuantize, FakeQuantState, _require_quantizers, named_quantizers, ready_scales, set_fake_quantize
+from calibkit.quant.qconfig import QConfig, QuantSpec
+from calibkit.quant.numerics import qrange, quantize_dequantize
 
 __all__ = ["OpError", "DebugReport", "Table", "debug_report", "op_histogram", "plot_report", "plot_op_histogram",
            "SensitivityResult", "sensitivity", "quantizers_enabled_only", "quantizers_disabled",
@@ -603,7 +603,7 @@ def sensitivity(model: nn.Module, candidates: DebugReport | Sequence[str], image
         model: prepared, calibrated model in eval mode.
         candidates: a :class:`DebugReport` (its ``top_k`` worst rows) or a list of quantizer names
             (the first ``top_k``; ``None`` = all).
-        images, labels: validation data for :func:`calibkit.calibrate.evaluate`.
+        images, labels: validation data for :func:`calibkit.quant.calibrate.evaluate`.
         mode: ``"only_enabled"`` or ``"only_disabled"``.
         progress: a progress bar over the candidates.
     The model's flags are restored afterwards.

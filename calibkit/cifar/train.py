@@ -4,14 +4,14 @@ Recipe (airbench-style, all in-memory): Nesterov SGD, label smoothing, a linear 
 linear decay of the learning rate to zero, per-step weight decay on every trained tensor, frozen BN
 weights with fast BN biases, lookahead, and batched augmentation on the uint8 image tensor (random
 horizontal flip and a random translation of up to ``translate`` pixels with reflect padding); the
-model's stages pool before BN while training (see ``calibkit.models.Stage``). Channels-last
+model's stages pool before BN while training (see ``calibkit.cifar.models.Stage``). Channels-last
 activations on every device, and bfloat16 autocast for forward/backward where the device has fast
 bf16 (``bf16_supported``).
 Everything random draws from one ``torch.Generator`` seeded by ``seed``, so on a given device and
 thread count the same seed gives the same weights.
 
 Images passed to ``train``, ``accuracy`` and ``predict`` are uint8 ``[N, 3, H, W]`` (0..255);
-they are normalized with ``calibkit.data.normalize`` on the fly, batch by batch.
+they are normalized with ``calibkit.cifar.data.normalize`` on the fly, batch by batch.
 """
 
 import json
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import normalize
-from .models import Stage, cifar_resnet, whiten_stem_
+from calibkit.cifar.data import normalize
+from calibkit.cifar.models import Stage, cifar_resnet, whiten_stem_
 
 __all__ = ["PROFILES", "augment", "train", "train_profile", "predict", "accuracy", "confusion_matrix",
            "per_class_accuracy", "lr_multiplier", "bf16_supported",
@@ -285,7 +285,7 @@ def train(model, ds, epochs: int, batch_size: int = 1024, lr: float = 1.5, seed:
             synchronisation (runs of fewer than 5 steps return the trained weights).
         whiten: initialize the model's ``stem.conv`` with ``whiten_stem_`` from 5,000 training images (drawn
             with ``seed``) and keep it frozen; the model needs a ``stem.conv`` attribute.
-        pool_first: while training, every ``calibkit.models.Stage`` pools before its BN and ReLU (see
+        pool_first: while training, every ``calibkit.cifar.models.Stage`` pools before its BN and ReLU (see
             ``Stage``: BN and ReLU touch 4x fewer elements) and is switched back afterwards. It needs
             ``freeze_bn_weight`` and positive BN weights, so that the eval-mode order computes the same
             function; None = on exactly when ``freeze_bn_weight``. Models without ``Stage`` modules are
@@ -335,7 +335,7 @@ def train(model, ds, epochs: int, batch_size: int = 1024, lr: float = 1.5, seed:
     if whiten:
         stem = getattr(getattr(model, "stem", None), "conv", None)
         if not isinstance(stem, torch.nn.Conv2d):
-            raise ValueError("whiten=True needs a model with a `stem.conv` nn.Conv2d (like calibkit.models.cifar_resnet)")
+            raise ValueError("whiten=True needs a model with a `stem.conv` nn.Conv2d (like calibkit.cifar.models.cifar_resnet)")
         pick = torch.randperm(n, generator=gen)[:5000]
         whiten_stem_(stem, normalize(images[pick].to(dev)))
         frozen.add(stem.weight)
