@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from calibkit.analysis import report as debug
+from calibkit.tutorial.table import Table
 from calibkit.quant.calibrate import calibrate, evaluate
 from calibkit.errors import CalibrationError, StateError
 from calibkit.quant.fake_quantize import FakeQuantState, named_quantizers, set_fake_quantize
@@ -127,7 +128,7 @@ def test_report_sorting_table_and_json(model, data):
 
 
 def test_table_csv_and_formats(tmp_path):
-    t = debug.Table([{"a": "x", "b": 1.23456, "c": math.inf}, {"a": "y<", "b": None, "c": 2}], formats={"b": ".2f"})
+    t = Table([{"a": "x", "b": 1.23456, "c": math.inf}, {"a": "y<", "b": None, "c": 2}], formats={"b": ".2f"})
     assert "1.23" in t.to_text() and "inf" in t.to_text() and "-" in t.to_text()
     assert "y&lt;" in t._repr_html_()
     p = t.to_csv(tmp_path / "t.csv")
