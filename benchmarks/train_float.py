@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from calibkit.cifar.checkpoint import save_checkpoint
 from calibkit.cifar.data import load_cifar10, normalize
 from calibkit.cifar.models import cifar_resnet
-from calibkit.cifar.train import (PROFILES, accuracy, bf16_supported, confusion_matrix, per_class_accuracy, predict,
-                            profile_dataset, train_profile)
+from calibkit.cifar.evaluate import accuracy, bf16_supported, confusion_matrix, per_class_accuracy, predict
+from calibkit.cifar.train import PROFILES, profile_dataset, train_profile
 
 TARGETS = {"full": (0.91, 40 * 60), "smoke": (0.50, 2 * 60)}
 

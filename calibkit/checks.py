@@ -8,6 +8,7 @@ Booleans are never accepted as numbers, and NaN is never in range. Shared by eve
 from __future__ import annotations
 
 import math
+import numbers
 
 __all__ = ["check_number", "check_int"]
 
@@ -35,10 +36,11 @@ def check_number(name: str, value, low: float | None = None, high: float | None 
 
 
 def check_int(name: str, value, low: int | None = None, high: int | None = None, why: str = "") -> int:
-    """``value`` if it is an ``int`` (not a bool) in ``[low, high]`` (``None``: unbounded), else ``ValueError``."""
-    ok = isinstance(value, int) and not isinstance(value, bool)
+    """``value`` as an ``int`` if it is an integer (a Python or NumPy integer, not a bool) in ``[low, high]``
+    (``None``: unbounded), else ``ValueError``."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if not ok or (low is not None and value < low) or (high is not None and value > high):
         allowed = f"an integer {_interval(low, high, False, False)}" if (low, high) != (None, None) else "an integer"
         raise ValueError(f"{name}={value!r} is out of range{why}: use {allowed}")
-    return value
+    return int(value)
 

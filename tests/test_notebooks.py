@@ -89,6 +89,10 @@ def check_06(m, out):
     assert set(m["qat"]) == {"well_fixed", "well_free", "poor_fixed", "poor_free"}
     assert m["ptq"]["well"] >= m["ptq"]["poor"], "the well-calibrated start is better than the poor one"
     assert abs(m["converted_accuracy"] - m["fake_quant_accuracy"]) <= 0.005, "integer model matches fake-quant"
+    # the QAT step written out by hand is the library's step, and only free scales move
+    hand = m["by_hand"]
+    assert hand["fixed"]["equals_library"] and hand["free"]["equals_library"]
+    assert hand["fixed"]["max_activation_scale_change"] == 0.0 < hand["free"]["max_activation_scale_change"]
 
 
 SMOKE_BASELINE = load("smoke_baseline.json")

@@ -13,7 +13,8 @@ from calibkit.quant.calibrate import calibrate, evaluate
 from calibkit.errors import CalibrationError, PrepareError, StateError
 from calibkit.quant.fake_quantize import FakeQuantState, named_quantizers, set_fake_quantize
 from calibkit.quant.observers import get_observer_class, observer_names
-from calibkit.quant.prepare import QConv2d, QLinear, prepare
+from calibkit.quant.prepare import prepare
+from calibkit.quant.qmodules import QConv2d, QLinear
 from calibkit.quant.qconfig import QConfig, QuantSpec, get_default_qconfig
 
 QC = get_default_qconfig("min_max")

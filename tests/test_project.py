@@ -83,3 +83,46 @@ def test_summary_keeps_notebooks_that_were_not_rerun(tmp_path):
     assert json.loads(path.read_text()) == got and got["01_x.ipynb"]["seconds"] == 1.0
     path.write_text("not json")
     assert list(update_summary(path, first[:1])) == ["01_x.ipynb"]
+
+
+def _github_anchor(heading: str) -> str:
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _doc_anchors() -> set[str]:
+    text = (ROOT / "docs" / "methods.md").read_text()
+    return {_github_anchor(m.group(1)) for m in re.finditer(r"^#{1,6}\s+(.+)$", text, re.M)}
+
+
+def _project_texts():
+    for path in [*ROOT.glob("calibkit/**/*.py"), *ROOT.glob("notebooks/*.ipynb"), ROOT / "README.md",
+                 *ROOT.glob("benchmarks/*.py")]:
+        yield path, path.read_text()
+
+
+def test_method_links_point_at_existing_sections():
+    """Docstrings and notebooks cite the project's own reference, docs/methods.md, by section anchor."""
+    anchors = _doc_anchors()
+    links = [(p.relative_to(ROOT), a) for p, text in _project_texts()
+             for a in re.findall(r"methods\.md#([\w\-]+)", text)]
+    assert len(links) >= 20, "the code and notebooks link docs/methods.md"
+    missing = [(str(p), a) for p, a in links if a not in anchors]
+    assert not missing, f"links to sections docs/methods.md does not have: {missing}"
+
+
+def test_no_citations_of_a_document_the_repository_does_not_hold():
+    stale = [str(p.relative_to(ROOT)) for p, text in _project_texts() if re.search(r"spec sections? \d", text)]
+    assert not stale, f"these cite 'spec section N' instead of docs/methods.md: {stale}"
+
+
+@pytest.mark.parametrize("nb_path", list_notebooks(), ids=lambda p: p.name)
+def test_parameter_cell_holds_values_only(nb_path):
+    """papermill overrides the first cell: it holds plain assignments of literal values, no logic."""
+    import ast
+
+    nb = json.loads(nb_path.read_text())
+    params = "".join(next(c for c in nb["cells"] if c["cell_type"] == "code")["source"])
+    for stmt in ast.parse(params).body:
+        assert isinstance(stmt, ast.Assign) and all(isinstance(t, ast.Name) for t in stmt.targets), \
+            f"{nb_path.name}: the parameters cell holds only `name = value` lines: {ast.unparse(stmt)!r}"
+        ast.literal_eval(stmt.value)  # raises ValueError for anything but a literal

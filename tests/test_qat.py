@@ -1,5 +1,6 @@
 """QAT from calibration (calibkit.quant.qat): fixed / free feature-map scales, loss, checkpoints, recommendation."""
 
+import functools
 import math
 
 import pytest
@@ -7,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calibkit.cifar.train import augment
+from calibkit.loop import lr_multiplier
 from calibkit.quant import io, qat
 from calibkit.quant.calibrate import calibrate, evaluate
 from calibkit.quant.convert import convert
@@ -40,7 +43,7 @@ def _calibrated(x, bits=4):
     return p
 
 
-KW = dict(batch_size=64, flip=False, translate=0, progress=False)
+KW = dict(batch_size=64, progress=False)
 
 
 def test_fixed_scales_stay_bit_identical_while_weights_change(toy_data):
@@ -100,7 +103,7 @@ def test_same_seed_same_result_and_schedule(toy_data):
     for _ in range(2):
         p = _calibrated(x)
         h = qat.train_qat(p, x, y, fix_feature_map_scales=False, epochs=1, lr=0.05, seed=3, batch_size=32,
-                          flip=True, translate=1, progress=False)
+                          augment=functools.partial(augment, flip=True, translate=1), progress=False)
         runs.append((p, h))
     (p1, h1), (p2, h2) = runs
     assert h1["train_loss"] == h2["train_loss"]
@@ -108,10 +111,10 @@ def test_same_seed_same_result_and_schedule(toy_data):
     assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
     lrs = h1["lr"]
     assert len(lrs) == 8 and max(lrs) == pytest.approx(0.05) and lrs[-1] < 0.01
-    assert qat.qat_lr_multiplier(0, 100, 10) == pytest.approx(0.1)
-    assert qat.qat_lr_multiplier(10, 100, 10) == pytest.approx(1.0)
-    assert qat.qat_lr_multiplier(55, 100, 10) == pytest.approx(0.5)
-    assert qat.qat_lr_multiplier(100, 100, 10) == pytest.approx(0.0, abs=1e-12)
+    assert lr_multiplier(0, 100, 10, "cosine") == pytest.approx(0.1)
+    assert lr_multiplier(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_multiplier(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_multiplier(100, 100, 10, "cosine") == pytest.approx(0.0, abs=1e-12)
 
 
 def test_checkpoint_roundtrip_is_atomic_and_exact(toy_data, tmp_path):

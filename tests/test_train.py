@@ -4,8 +4,9 @@ import torch.nn.functional as F
 
 from calibkit.cifar.data import ImageTensors, normalize
 from calibkit.cifar.models import cifar_resnet
-from calibkit.cifar.train import (PROFILES, accuracy, augment, confusion_matrix, lr_multiplier, per_class_accuracy, predict,
-                            train, train_profile)
+from calibkit.cifar.evaluate import accuracy, confusion_matrix, per_class_accuracy, predict
+from calibkit.cifar.train import PROFILES, augment, train, train_profile
+from calibkit.loop import lr_multiplier
 
 
 

@@ -18,13 +18,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from calibkit.devices import model_device
 from calibkit.errors import CalibrationError, StateError
 from calibkit.quant.fake_quantize import FakeQuantState, FakeQuantize, named_quantizers, reset_observers, set_fake_quantize
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the first parameter or buffer of ``model`` (CPU if it has none)."""
-    return next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
 
 
 def _sync(device: torch.device) -> None:

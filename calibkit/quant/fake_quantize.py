@@ -1,4 +1,4 @@
-"""Fake quantization modules and the three fake-quantize states (spec sections 1 and 6).
+"""Fake quantization modules and the three fake-quantize states (``docs/methods.md#fake-quantize-states``).
 
 A :class:`FakeQuantize` owns an observer and sits on one tensor of the network (an activation or
 a weight). Depending on two flags it records statistics of that tensor (``observer_enabled``)
@@ -25,7 +25,7 @@ Entering VALIDATION computes each scale once from its observer (``calculate_qpar
 it in the ``scale`` buffer; a quantizer whose observer has seen no data makes the switch fail with
 a :class:`CalibrationError` that names it. A *fixed* scale (``fix_scale()`` / ``load_scale()``)
 is never touched by its observer again -- the same as an averaging constant of 0 after
-calibration -- which is how activation scales are frozen for QAT (spec section 6).
+calibration -- which is how activation scales are frozen for QAT (``docs/methods.md#fixed-or-free-feature-map-scales``).
 """
 
 from __future__ import annotations
@@ -333,7 +333,7 @@ def get_fake_quantize_state(model: nn.Module) -> FakeQuantState | None:
 
 def fix_activation_scales(model: nn.Module) -> list[str]:
     """Fix the scale of every activation quantizer (weights keep following their observers), the
-    spec section 6 setting for starting QAT from calibration. Returns the names fixed.
+    setting (``docs/methods.md#fixed-or-free-feature-map-scales``) for starting QAT from calibration. Returns the names fixed.
 
     Scales are computed from the observers first where needed (``CalibrationError`` if one has no data).
     """

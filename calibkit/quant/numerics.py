@@ -1,6 +1,6 @@
 """Quantization arithmetic shared by observers, fake-quantizers and the integer reference model.
 
-Scheme (spec section 2): signed, symmetric, scale only (zero point 0).
+Scheme (``docs/methods.md#quantization-scheme``): signed, symmetric, scale only (zero point 0).
 
 * ``qmin, qmax = -2**(bits-1), 2**(bits-1) - 1``  (int8: -128, 127)
 * ``scale = amax / ((qmax - qmin) / 2)``           (int8: amax / 127.5)

@@ -37,189 +37,24 @@ round-trips through ``state_dict``.
 from __future__ import annotations
 
 import copy
-import operator
 from typing import Any, Iterable, Mapping
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from calibkit.errors import PrepareError
-from calibkit.quant.fake_quantize import FakeQuantize, FakeQuantState, named_quantizers
+from calibkit.quant.fake_quantize import FakeQuantize, FakeQuantState
+from calibkit.quant.graph_ops import (fuses_with_relu, input_quantizer, is_add, is_float, is_passthrough, module_of,
+                                      node_scopes, op_name)
 from calibkit.quant.qconfig import QConfig, QuantizerSite, resolve_specs
+from calibkit.quant.qmodules import QUANT_CLASS, WEIGHTED
 
-__all__ = ["prepare", "QConv1d", "QConv2d", "QConv3d", "QLinear", "ACTIVATION_ROOT"]
+__all__ = ["prepare", "fold_batchnorm", "ACTIVATION_ROOT"]
 
 #: Attribute of the prepared model under which activation quantizers are stored.
 ACTIVATION_ROOT = "fake_quant"
-
-
-# -- weight-quantized modules ------------------------------------------------------------------------
-def _ste_round(t: torch.Tensor) -> torch.Tensor:
-    """``round(t)`` in value (exactly), identity for the gradient (plain ``round`` when no gradient is needed)."""
-    if not (t.requires_grad and torch.is_grad_enabled()):
-        return torch.round(t)
-    return t + (torch.round(t) - t).detach()
-
-
-class _QuantWeightMixin:
-    """Conv / linear whose weight passes through ``self.weight_fake_quant``.
-
-    While both the weight quantizer and the quantizer of the input (``_input_quantizer``, linked by
-    ``prepare``) fake-quantize, the op follows the integer model (``calibkit.quant.convert``):
-
-    * the bias is rounded to the int32 grid of the accumulator, ``s_in * s_w[c]``;
-    * in eval mode (VALIDATION) the op runs on the integer codes, ``(conv(q_x, q_w) + q_bias) * s_in * s_w``,
-      with the integer accumulator rounded (exact below 2**24 whatever algorithm the conv kernel uses),
-      so the converted model reproduces it bit for bit. In train mode (QAT) it computes
-      ``conv(x_hat, w_hat) + bias`` in float. Gradients are straight-through in both.
-    """
-
-    def _weighted_forward(self, x: torch.Tensor, op, channel_view) -> torch.Tensor:
-        wfq, fq_in = self.weight_fake_quant, self.__dict__.get("_input_quantizer")
-        w = wfq(self.weight)
-        if fq_in is None or fq_in.ch_axis is not None or not (wfq.fake_quantizing and fq_in.fake_quantizing):
-            return op(x, w, self.bias)
-        acc_scale = fq_in.scale * wfq.scale  # [C] or []
-        qb = None if self.bias is None else _ste_round(self.bias / acc_scale)
-        if self.training or wfq.ch_axis not in (None, 0):
-            return op(x, w, None if qb is None else qb * acc_scale)
-        qw = _ste_round(w / (wfq.scale.reshape([-1] + [1] * (w.dim() - 1)) if wfq.scale.dim() else wfq.scale))
-        # the sum of integer products is an integer: rounding it cancels any float error of the kernel
-        # (Winograd / FFT / TF32 algorithms) as long as that error stays below 0.5
-        acc = _ste_round(op(_ste_round(x / fq_in.scale), qw, None))
-        if qb is not None:
-            acc = acc + channel_view(qb, acc)
-        return acc * channel_view(acc_scale, acc)
-
-
-def _conv_channels(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.reshape([1, -1] + [1] * (like.dim() - 2)) if t.dim() else t
-
-
-class _QuantConvMixin(_QuantWeightMixin):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._weighted_forward(x, self._conv_forward, _conv_channels)
-
-
-class QConv1d(_QuantConvMixin, nn.Conv1d):
-    pass
-
-
-class QConv2d(_QuantConvMixin, nn.Conv2d):
-    pass
-
-
-class QConv3d(_QuantConvMixin, nn.Conv3d):
-    pass
-
-
-class QLinear(_QuantWeightMixin, nn.Linear):
-    """Linear with fake-quantized weight (see ``_QuantWeightMixin``); output channels on the last axis."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._weighted_forward(x, F.linear, lambda t, like: t)
-
-
-def input_quantizer(node: fx.Node, modules) -> tuple[fx.Node, "FakeQuantize"] | None:
-    """The activation quantizer whose codes reach ``node``'s first input through shape-only ops."""
-    src = node.args[0] if node.args else None
-    while isinstance(src, fx.Node):
-        if src.op == "call_module" and isinstance(modules.get(src.target), FakeQuantize):
-            return src, modules[src.target]
-        if not _is_passthrough(src, modules) or not src.args:
-            return None
-        src = src.args[0]
-    return None
-
-
-_QUANT_CLASS = {nn.Conv1d: QConv1d, nn.Conv2d: QConv2d, nn.Conv3d: QConv3d, nn.Linear: QLinear}
-_WEIGHTED = tuple(_QUANT_CLASS.values())
-
-# -- op classification ---------------------------------------------------------------------------
-_RELU_MODULES = (nn.ReLU, nn.ReLU6)
-_RELU_FUNCS = {F.relu, F.relu6, torch.relu, torch.relu_, F.relu_}
-_RELU_METHODS = {"relu", "relu_"}
-_ADD_FUNCS = {operator.add, operator.iadd, torch.add}
-_ADD_METHODS = {"add", "add_"}
-_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten,
-                 nn.Unflatten, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-                 nn.AdaptiveMaxPool3d, nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle)
-_PASS_FUNCS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.transpose, torch.permute, torch.t,
-               torch.chunk, torch.split, torch.narrow, torch.select, torch.clone, torch.unflatten, torch.flip, torch.roll,
-               F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
-               torch.max_pool1d, torch.max_pool2d, torch.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
-               F.adaptive_max_pool3d, F.pixel_shuffle, F.pixel_unshuffle, torch.channel_shuffle}
-_PASS_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose",
-                 "permute", "t", "contiguous", "expand", "expand_as", "repeat", "chunk", "split", "narrow", "select",
-                 "clone", "detach", "flip", "roll", "to", "float", "type_as", "cpu", "cuda"}
-_OP_NAMES = {operator.add: "add", operator.iadd: "add", operator.sub: "sub", operator.isub: "sub",
-             operator.mul: "mul", operator.imul: "mul", operator.truediv: "div", operator.itruediv: "div",
-             operator.matmul: "matmul", operator.neg: "neg", operator.getitem: "getitem", torch.cat: "cat",
-             torch.concat: "cat", torch.concatenate: "cat"}
-
-
-def _is_float(node: fx.Node) -> bool:
-    return bool(node.meta.get("calibkit_float", False))
-
-
-def _module(node: fx.Node, modules: Mapping[str, nn.Module]) -> nn.Module | None:
-    return modules.get(node.target) if node.op == "call_module" else None
-
-
-def _is_relu(node: fx.Node, modules) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _RELU_MODULES)
-    if node.op == "call_function":
-        return node.target in _RELU_FUNCS
-    return node.op == "call_method" and node.target in _RELU_METHODS
-
-
-def _is_add(node: fx.Node) -> bool:
-    """A two-operand add without ``alpha`` (``+``, ``+=``, ``torch.add``, ``Tensor.add``)."""
-    is_add = (node.op == "call_function" and node.target in _ADD_FUNCS) or \
-             (node.op == "call_method" and node.target in _ADD_METHODS)
-    return is_add and len(node.args) == 2 and not node.kwargs
-
-
-def _is_passthrough(node: fx.Node, modules) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _PASS_MODULES)
-    if node.op == "call_function":
-        if node.target is operator.getitem:  # slicing a tensor selects values; indexing a tuple does not
-            src = node.args[0]
-            return isinstance(src, fx.Node) and bool(src.meta.get("calibkit_tensor", False))
-        if node.target is F.pad:
-            value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
-            return value in (None, 0, 0.0)
-        return node.target in _PASS_FUNCS
-    return node.op == "call_method" and node.target in _PASS_METHODS
-
-
-def fuses_with_relu(node: fx.Node, modules) -> fx.Node | None:
-    """The ReLU/ReLU6 fused into ``node`` (a conv/linear/add): its only user, taking it as input."""
-    users = list(node.users)
-    if len(users) == 1 and _is_relu(users[0], modules) and users[0].args and users[0].args[0] is node:
-        return users[0]
-    return None
-
-
-def op_name(node: fx.Node) -> str:
-    """Short name of a function/method op (``"add"``, ``"cat"``, ``"adaptive_avg_pool2d"``, ...)."""
-    if node.op == "call_method":
-        name = str(node.target)
-    else:
-        name = _OP_NAMES.get(node.target) or getattr(node.target, "__name__", str(node.target))
-    name = name.strip("_") or "op"
-    return name.replace(".", "_")
-
-
-def node_scopes(node: fx.Node) -> list[tuple[str, type]]:
-    """Enclosing module paths and types of ``node``, outermost first (includes a called module itself)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return [(path, typ) for path, typ in stack.values() if path]
 
 
 # -- tracing ---------------------------------------------------------------------------------------
@@ -355,18 +190,18 @@ def _place(gm: fx.GraphModule) -> list[_Site]:
             return f"{base}.{suffix}" + (f"_{k}" if k else "")
         return (f"{base}_{k}" if k else base) + ".out"  # function ops: <scope>.add.out, <scope>.add_1.out
 
-    inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and _is_float(n)]
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and is_float(n)]
     for n in inputs:
         sites.append(_Site("input" if len(inputs) == 1 else f"input.{n.name}", "activation", "", [], at=n))
     for n in gm.graph.nodes:
-        if n in handled or n.op in ("placeholder", "get_attr", "output") or not _is_float(n) or _is_passthrough(n, modules):
+        if n in handled or n.op in ("placeholder", "get_attr", "output") or not is_float(n) or is_passthrough(n, modules):
             continue
         at = n
-        mod = _module(n, modules)
-        weighted = type(mod) in _QUANT_CLASS
-        if weighted or _is_add(n):
+        mod = module_of(n, modules)
+        weighted = type(mod) in QUANT_CLASS
+        if weighted or is_add(n):
             relu = fuses_with_relu(n, modules)
-            if relu is not None and _is_float(relu):
+            if relu is not None and is_float(relu):
                 at = relu
                 handled.add(relu)
         scopes = node_scopes(n)
@@ -389,6 +224,34 @@ def _place(gm: fx.GraphModule) -> list[_Site]:
                 s.name += "_"
                 names.add(s.name)
     return sites
+
+
+def _insert_quantizers(gm: fx.GraphModule, sites: list[_Site], specs: Mapping, device: torch.device) -> None:
+    """Create each site's ``FakeQuantize`` (CALIBRATION state) on ``device``: weight quantizers inside their
+    conv / linear (swapped for its ``QConv``/``QLinear`` class), activation quantizers under ``ACTIVATION_ROOT``
+    and called on the node's output; then link each weighted op to the quantizer of its input."""
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for s in sites:
+        fq = specs[s.name].create().to(device)
+        fq.quantizer_name, fq.kind, fq.module_path, fq.spec = s.name, s.kind, s.module_path, specs[s.name]
+        fq.state = FakeQuantState.CALIBRATION
+        if s.kind == "weight":
+            mod = gm.get_submodule(s.weighted_module)
+            mod.__class__ = QUANT_CLASS[type(mod)]
+            mod.add_module("weight_fake_quant", fq)
+            continue
+        target = f"{ACTIVATION_ROOT}.{s.name}"
+        gm.add_submodule(target, fq)
+        after = placeholders[-1] if s.at.op == "placeholder" else s.at
+        with graph.inserting_after(after):
+            q = graph.call_module(target, (s.at,))
+        s.at.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
+    modules = dict(gm.named_modules())
+    for n in graph.nodes:  # link each weighted op to the quantizer of its input (bias grid s_in * s_w)
+        if n.op == "call_module" and isinstance(modules[n.target], WEIGHTED):
+            found = input_quantizer(n, modules)
+            modules[n.target].__dict__["_input_quantizer"] = found[1] if found else None
 
 
 def prepare(model: nn.Module, qconfig: QConfig, example_inputs: Any, overrides: Mapping | None = None,
@@ -434,35 +297,10 @@ def prepare(model: nn.Module, qconfig: QConfig, example_inputs: Any, overrides: 
     device = next((t.device for t in [*gm.parameters(), *gm.buffers()]), None)
     if device is None:
         device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    for s in sites:
-        fq = specs[s.name].create().to(device)
-        fq.quantizer_name, fq.kind, fq.module_path, fq.spec = s.name, s.kind, s.module_path, specs[s.name]
-        fq.state = FakeQuantState.CALIBRATION
-        if s.kind == "weight":
-            mod = gm.get_submodule(s.weighted_module)
-            mod.__class__ = _QUANT_CLASS[type(mod)]
-            mod.add_module("weight_fake_quant", fq)
-            continue
-        target = f"{ACTIVATION_ROOT}.{s.name}"
-        gm.add_submodule(target, fq)
-        after = placeholders[-1] if s.at.op == "placeholder" else s.at
-        with graph.inserting_after(after):
-            q = graph.call_module(target, (s.at,))
-        s.at.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
-    modules = dict(gm.named_modules())
-    for n in graph.nodes:  # link each weighted op to the quantizer of its input (bias grid s_in * s_w)
-        if n.op == "call_module" and isinstance(modules[n.target], _WEIGHTED):
-            found = input_quantizer(n, modules)
-            modules[n.target].__dict__["_input_quantizer"] = found[1] if found else None
+    _insert_quantizers(gm, sites, specs, device)
     gm.delete_all_unused_submodules()
-    graph.lint()
+    gm.graph.lint()
     gm.recompile()
     gm.meta["calibkit_prepared"] = True
     return gm.eval()
 
-
-def quantizer_sites(model: fx.GraphModule) -> dict[str, str]:
-    """Map quantizer name -> module path of the op it belongs to (``""`` for the model input)."""
-    return {name: getattr(fq, "module_path", "") for name, fq in named_quantizers(model).items()}

@@ -1,4 +1,5 @@
-"""Quantization-aware training (QAT) from a calibrated model (spec sections 1.7 and 6).
+"""Quantization-aware training (QAT) from a calibrated model (``docs/methods.md#fake-quantize-states`` and
+``#fixed-or-free-feature-map-scales``).
 
 :func:`train_qat` fine-tunes a prepared, calibrated model in ``FakeQuantState.QAT``: the model is in
 train mode, every tensor is fake-quantized and gradients pass the rounding straight through (zero
@@ -14,12 +15,13 @@ Feature-map (activation) scales:
 
 Weight quantizers always keep observing, so their scales follow the weights as they change.
 
-Schedule: Nesterov SGD, linear warm-up over ``warmup_fraction`` of the steps then cosine decay to 0,
-label smoothing, weight decay on weights (ndim > 1) only, random flips / translations
-(``calibkit.cifar.train.augment``). Data order and augmentation come from one generator seeded by
-``seed``: the same seed and budget give the same run.
+The loop is generic: the training data, the augmentation, the preprocessing, the loss and the optimizer are
+passed in (defaults: no augmentation, cross-entropy with label smoothing, Nesterov SGD with weight decay on
+weights only); the schedule is a linear warm-up over ``warmup_fraction`` of the steps, then a cosine decay to 0.
+Data order and augmentation draw from one generator seeded by ``seed``: the same seed and budget give the same
+run. The steps run in :func:`calibkit.loop.train_steps`, the loop float training uses too.
 
-:func:`recommend_fixed_scales` turns the spec's observation (fixing helps when calibration is
+:func:`recommend_fixed_scales` turns the guide's observation (fixing helps when calibration is
 already close to float, hurts when it is poor) into a rule with a stated threshold.
 
 Checkpoints of prepared models: :mod:`calibkit.quant.io`.
@@ -28,20 +30,21 @@ Checkpoints of prepared models: :mod:`calibkit.quant.io`.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from calibkit.quant.calibrate import evaluate, model_device
+from calibkit.checks import check_int, check_number
+from calibkit.devices import model_device
+from calibkit.loop import lr_multiplier, train_steps
+from calibkit.quant.calibrate import evaluate
 from calibkit.quant.io import save_prepared
 from calibkit.quant.fake_quantize import FakeQuantState, _require_quantizers, fix_activation_scales, set_fake_quantize
 
-__all__ = ["train_qat", "qat_lr_multiplier", "activation_scales", "weight_scales", "Recommendation", "recommend_fixed_scales", "relative_gap", "measured_choice", "DEFAULT_GAP_THRESHOLD"]
+__all__ = ["train_qat", "default_optimizer", "set_feature_map_scales", "activation_scales", "weight_scales", "Recommendation", "recommend_fixed_scales", "relative_gap", "measured_choice", "DEFAULT_GAP_THRESHOLD"]
 
 # -- scales ---------------------------------------------------------------------------------------------
 def activation_scales(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -60,102 +63,107 @@ def _mean_rel_change(now: dict, start: dict) -> float:
 
 
 # -- training ----------------------------------------------------------------------------------------------
-def qat_lr_multiplier(step: int, total_steps: int, warmup_steps: int) -> float:
-    """LR factor at optimizer step ``step`` (0-based): linear warm-up to 1 over ``warmup_steps``, then
-    cosine decay to 0 at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+def _sampled_batches(images, labels, steps: int, batch_size: int, gen, device, augment, preprocess):
+    """``steps`` batches drawn without replacement from a seeded stream of permutations (a new permutation is
+    appended whenever fewer than ``batch_size`` indices are left), augmented, moved to ``device`` and preprocessed."""
+    order = torch.empty(0, dtype=torch.int64)
+    for _ in range(steps):
+        if len(order) < batch_size:
+            order = torch.cat([order, torch.randperm(len(images), generator=gen)])
+        idx, order = order[:batch_size], order[batch_size:]
+        xb = images[idx] if augment is None else augment(images[idx], gen)
+        xb = xb.to(device)
+        yield (xb if preprocess is None else preprocess(xb)), labels[idx].to(device)
 
 
-def _check(name, value, ok: bool, allowed: str):
-    if isinstance(value, bool) or not ok:
-        raise ValueError(f"{name}={value!r} is out of range: use {allowed}")
-
-
-def train_qat(model: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
-              val_images: torch.Tensor | None = None, val_labels: torch.Tensor | None = None, *,
-              fix_feature_map_scales: bool = True, epochs: float = 1.0, batch_size: int = 128, lr: float = 0.005,
-              momentum: float = 0.9, weight_decay: float = 5e-5, label_smoothing: float = 0.2,
-              warmup_fraction: float = 0.05, flip: bool = True, translate: int = 2, seed: int = 0, evals: int = 8,
-              eval_batch_size: int = 500, checkpoint_path: str | Path | None = None,
-              checkpoint_meta: dict | None = None, progress: bool = True) -> dict:
-    """QAT of a prepared, calibrated ``model`` in place (see the module docstring).
-
-    Args:
-        model: output of ``prepare``, calibrated (every quantizer has a scale; else ``CalibrationError``).
-        train_images, train_labels: uint8 ``[N, 3, H, W]`` images (augmented, then normalized with
-            ``calibkit.cifar.data.normalize``) or float ``[N, ...]`` already-normalized inputs (augmented only),
-            and int64 labels ``[N]``.
-        val_images, val_labels: normalized float validation data for the curve (optional).
-        fix_feature_map_scales: fix activation scales (True) or let activation observers update (False).
-        epochs: passes over the training data (> 0, fractions allowed); steps = round(epochs * N / batch_size),
-            at least 1. batch_size: in [1, N]. lr: peak learning rate (> 0).
-        momentum: Nesterov momentum in [0, 1). weight_decay: >= 0 (weights only). label_smoothing: [0, 1).
-        warmup_fraction: share of steps with linear warm-up, in [0, 1).
-        flip, translate: augmentation (``calibkit.cifar.train.augment``). seed: data order + augmentation.
-        evals: validation points along the run besides the start (>= 1; needs val data).
-        checkpoint_path: if given, the prepared model is saved there (:func:`save_prepared`, atomic) at
-            every whole epoch and at the end, with ``checkpoint_meta`` plus the history so far.
-        progress: tqdm bar over the steps.
-
-    Returns a history dict: ``step``, ``epoch``, ``lr``, ``train_loss`` per step; ``eval_step``,
-    ``val_accuracy`` and ``act_scale_change`` (mean relative change of the activation scales since the
-    start) at the start and at each validation point; ``steps``, ``seconds`` (training only),
-    ``fix_feature_map_scales`` and the settings. The model ends in eval mode, ``FakeQuantState.VALIDATION``.
-    """
-    from calibkit.cifar.data import normalize
-    from calibkit.cifar.train import augment
-
-    n = len(train_images)
-    if len(train_labels) != n or n == 0:
-        raise ValueError(f"train_images ({n}) and train_labels ({len(train_labels)}) must be non-empty and of "
-                         "equal length")
-    _check("epochs", epochs, isinstance(epochs, (int, float)) and epochs > 0 and math.isfinite(epochs), "a number > 0")
-    _check("batch_size", batch_size, isinstance(batch_size, int) and 1 <= batch_size <= n, f"an integer in [1, {n}]")
-    _check("lr", lr, isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr), "a number > 0")
-    _check("momentum", momentum, isinstance(momentum, (int, float)) and 0 <= momentum < 1, "a number in [0, 1)")
-    _check("weight_decay", weight_decay, isinstance(weight_decay, (int, float)) and weight_decay >= 0, "a number >= 0")
-    _check("label_smoothing", label_smoothing, isinstance(label_smoothing, (int, float)) and 0 <= label_smoothing < 1,
-           "a number in [0, 1)")
-    _check("warmup_fraction", warmup_fraction, isinstance(warmup_fraction, (int, float)) and 0 <= warmup_fraction < 1,
-           "a number in [0, 1)")
-    _check("evals", evals, isinstance(evals, int) and evals >= 1, "an integer >= 1")
+def _check_qat_args(n, n_labels, val_images, val_labels, epochs, batch_size, lr, momentum, weight_decay,
+                    label_smoothing, warmup_fraction, evals) -> None:
+    """Every argument check of ``train_qat``, before the model changes."""
+    if n_labels != n or n == 0:
+        raise ValueError(f"train_images ({n}) and train_labels ({n_labels}) must be non-empty and of equal length")
+    check_number("epochs", epochs, 0, math.inf, low_open=True, high_open=True)
+    check_int("batch_size", batch_size, 1, n)
+    check_number("lr", lr, 0, math.inf, low_open=True, high_open=True)
+    check_number("momentum", momentum, 0, 1, high_open=True)
+    check_number("weight_decay", weight_decay, 0)
+    check_number("label_smoothing", label_smoothing, 0, 1, high_open=True)
+    check_number("warmup_fraction", warmup_fraction, 0, 1, high_open=True)
+    check_int("evals", evals, 1)
     if (val_images is None) != (val_labels is None):
         raise ValueError("give both val_images and val_labels, or neither")
 
+
+def set_feature_map_scales(model: nn.Module, fix_feature_map_scales: bool) -> dict[str, torch.Tensor]:
+    """Put the calibrated model in VALIDATION (``CalibrationError`` if a scale is missing), fix or free the
+    activation scales (weight scales always follow the weights) and return the starting activation scales."""
     qs = _require_quantizers(model)
-    device = model_device(model)
     model.eval()
-    set_fake_quantize(model, FakeQuantState.VALIDATION)  # CalibrationError if a quantizer has no scale
+    set_fake_quantize(model, FakeQuantState.VALIDATION)
     for fq in qs.values():
         if fq.kind == "weight" or not fix_feature_map_scales:
             fq.unfix_scale()
     if fix_feature_map_scales:
         fix_activation_scales(model)
     set_fake_quantize(model, FakeQuantState.VALIDATION)
-    start_scales = activation_scales(model)
+    return activation_scales(model)
 
-    steps = max(1, round(epochs * n / batch_size))
-    steps_per_epoch = max(1, n // batch_size)
-    warmup = round(warmup_fraction * steps)
+
+def default_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Nesterov SGD with weight decay on the weights (``ndim > 1``) only."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                          lr=lr, momentum=momentum, nesterov=momentum > 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: qat_lr_multiplier(s, steps, warmup))
-    gen = torch.Generator().manual_seed(int(seed))
-    eval_at = sorted({max(1, round(steps * (i + 1) / evals)) for i in range(evals)})
+    return torch.optim.SGD([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                           lr=lr, momentum=momentum, nesterov=momentum > 0)
 
+
+def train_qat(model: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
+              val_images: torch.Tensor | None = None, val_labels: torch.Tensor | None = None, *,
+              fix_feature_map_scales: bool = True, epochs: float = 1.0, batch_size: int = 128, lr: float = 0.005,
+              momentum: float = 0.9, weight_decay: float = 5e-5, label_smoothing: float = 0.2,
+              warmup_fraction: float = 0.05, augment: Callable | None = None, preprocess: Callable | None = None,
+              loss_fn: Callable | None = None, optimizer: torch.optim.Optimizer | None = None, seed: int = 0,
+              evals: int = 8, eval_batch_size: int = 500, checkpoint_path: str | Path | None = None,
+              checkpoint_meta: dict | None = None, progress: bool = True) -> dict:
+    """QAT of a prepared, calibrated ``model`` in place, in the one training loop (:func:`calibkit.loop.train_steps`).
+
+    Args:
+        model: output of ``prepare``, calibrated (every quantizer has a scale; else ``CalibrationError``).
+        train_images, train_labels: ``[N, ...]`` training inputs (any dtype ``augment`` / ``preprocess`` accept) and
+            int64 labels ``[N]``; batches are drawn from a stream of permutations seeded by ``seed``.
+        val_images, val_labels: model-ready validation data for the curve (optional).
+        fix_feature_map_scales: fix activation scales (True) or let activation observers update (False); see
+            ``docs/methods.md#fixed-or-free-feature-map-scales``.
+        epochs: passes over the training data (> 0, fractions allowed); steps = round(epochs * N / batch_size),
+            at least 1. batch_size: in [1, N]. lr: peak learning rate (> 0); warmup_fraction (in [0, 1)) of the
+            steps warm up linearly, then a cosine decay to 0.
+        momentum (in [0, 1)), weight_decay (>= 0, weights only): the default optimizer's, Nesterov SGD.
+        label_smoothing: in [0, 1), for the default loss (cross-entropy).
+        augment: ``augment(images, generator) -> images`` on each CPU batch (e.g. the CIFAR example's flips and
+            shifts), drawing from the seeded generator; None = no augmentation.
+        preprocess: ``preprocess(batch) -> model input`` after the batch is on the model's device (e.g.
+            normalization of uint8 images); None = the batch as it is.
+        loss_fn: ``loss_fn(model, inputs, labels) -> (loss, logits)``; None = cross-entropy with label smoothing.
+        optimizer: built over ``model.parameters()``; None = :func:`default_optimizer`.
+        evals: validation points along the run besides the start (>= 1; needs val data).
+        checkpoint_path: if given, the prepared model is saved there (:func:`calibkit.quant.io.save_prepared`,
+            atomic) at every whole epoch and at the end, with ``checkpoint_meta`` plus the history so far.
+
+    Returns a history dict: ``step``, ``epoch``, ``lr``, ``train_loss`` per step; ``eval_step``,
+    ``val_accuracy`` and ``act_scale_change`` (mean relative change of the activation scales since the
+    start) at the start and at each validation point; ``steps``, ``seconds`` (training only),
+    ``fix_feature_map_scales`` and the settings. The model ends in eval mode, ``FakeQuantState.VALIDATION``.
+    """
+    n = len(train_images)
+    _check_qat_args(n, len(train_labels), val_images, val_labels, epochs, batch_size, lr, momentum, weight_decay,
+                    label_smoothing, warmup_fraction, evals)
+    start_scales = set_feature_map_scales(model, fix_feature_map_scales)
+    steps = max(1, round(epochs * n / batch_size))
     hist = {k: [] for k in ("step", "epoch", "lr", "train_loss", "eval_step", "val_accuracy", "act_scale_change")}
     hist.update(fix_feature_map_scales=bool(fix_feature_map_scales), steps=steps, epochs=float(epochs),
                 batch_size=batch_size, lr_peak=lr, momentum=momentum, weight_decay=weight_decay,
                 label_smoothing=label_smoothing, warmup_fraction=warmup_fraction, seed=seed, train_images=n)
 
     def validate(step):
-        model.eval()
-        set_fake_quantize(model, FakeQuantState.VALIDATION)
         if val_images is not None:
             hist["eval_step"].append(step)
             hist["val_accuracy"].append(evaluate(model, val_images, val_labels, eval_batch_size, progress=False))
@@ -163,57 +171,53 @@ def train_qat(model: nn.Module, train_images: torch.Tensor, train_labels: torch.
 
     def save(step):
         if checkpoint_path is not None:
-            model.eval()
-            set_fake_quantize(model, FakeQuantState.VALIDATION)
-            meta = dict(checkpoint_meta or {})
-            meta.update(qat_step=step, qat_history={k: v for k, v in hist.items()})
-            save_prepared(checkpoint_path, model, meta)
+            save_prepared(checkpoint_path, model, {**(checkpoint_meta or {}), "qat_step": step, "qat_history": dict(hist)})
 
-    validate(0)
+    def ce_loss(model, x, y):
+        logits = model(x)
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing), logits
+
+    batches = _sampled_batches(train_images, train_labels, steps, batch_size, torch.Generator().manual_seed(int(seed)),
+                               model_device(model), augment, preprocess)
+    optimizer = optimizer or default_optimizer(model, lr, momentum, weight_decay)
+    warmup = round(warmup_fraction * steps)
+    loop = train_steps(model, batches, loss_fn or ce_loss, optimizer,
+                       lambda i: lr_multiplier(i, steps, warmup, decay="cosine"), steps,
+                       f"QAT ({'fixed' if fix_feature_map_scales else 'free'} feature-map scales)", progress)
+    _qat_run(model, loop, hist, validate, save, n, steps, batch_size, evals)
+    return hist
+
+
+def _qat_run(model, loop, hist: dict, validate, save, n: int, steps: int, batch_size: int, evals: int) -> None:
+    """Run ``loop`` in the QAT state, recording every step; validate (VALIDATION state) at ``evals`` evenly spread
+    steps, save at every whole epoch and at the end. The model ends in eval mode, VALIDATION."""
+    steps_per_epoch = max(1, n // batch_size)
+    eval_at = sorted({max(1, round(steps * (i + 1) / evals)) for i in range(evals)})
+    hist["seconds"] = 0.0
+
+    def pause(step):
+        model.eval()
+        set_fake_quantize(model, FakeQuantState.VALIDATION)
+        if step in eval_at or step == 0:
+            validate(step)
+        if step and (step % steps_per_epoch == 0 or step == steps):
+            save(step)
+
+    pause(0)
     model.train()
     set_fake_quantize(model, FakeQuantState.QAT)
-    order = torch.empty(0, dtype=torch.int64)
-    seconds = 0.0
-    bar = tqdm(total=steps, desc=f"QAT ({'fixed' if fix_feature_map_scales else 'free'} feature-map scales)",
-               disable=not progress)
-    for step in range(steps):
-        t0 = time.perf_counter()
-        if len(order) < batch_size:
-            order = torch.cat([order, torch.randperm(n, generator=gen)])
-        idx, order = order[:batch_size], order[batch_size:]
-        xb = train_images[idx]
-        if flip or translate:
-            xb = augment(xb, gen, flip=flip, translate=translate)
-        xb = xb.to(device)
-        x = normalize(xb) if xb.dtype == torch.uint8 else xb
-        yb = train_labels[idx].to(device)
-        loss = F.cross_entropy(model(x), yb, label_smoothing=label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        hist["lr"].append(opt.param_groups[0]["lr"])
-        sched.step()
-        seconds += time.perf_counter() - t0
-        hist["step"].append(step + 1)
-        hist["epoch"].append((step + 1) * batch_size / n)
-        hist["train_loss"].append(loss.item())
-        bar.update(1)
-        if progress and (step + 1) % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        done = step + 1
-        if done in eval_at or done % steps_per_epoch == 0 or done == steps:
-            if done in eval_at:
-                validate(done)
-            if done % steps_per_epoch == 0 or done == steps:
-                hist["seconds"] = seconds
-                save(done)
+    for s in loop:
+        hist["seconds"] += s.seconds
+        hist["step"].append(s.index)
+        hist["epoch"].append(s.index * batch_size / n)
+        hist["lr"].append(s.lr)
+        hist["train_loss"].append(s.loss.item())
+        if s.index in eval_at or s.index % steps_per_epoch == 0 or s.index == steps:
+            pause(s.index)
             model.train()
             set_fake_quantize(model, FakeQuantState.QAT)
-    bar.close()
     model.eval()
     set_fake_quantize(model, FakeQuantState.VALIDATION)
-    hist["seconds"] = seconds
-    return hist
 
 
 # -- recommendation -----------------------------------------------------------------------------------------
@@ -230,9 +234,7 @@ class Recommendation(NamedTuple):
 
 
 def _check_accuracy(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 <= float(v) <= 1.0):
-        raise ValueError(f"{name}={v!r} is out of range: use an accuracy as a fraction in [0, 1]")
-    return float(v)
+    return check_number(name, v, 0, 1, why=" (an accuracy is a fraction)")
 
 
 def relative_gap(calibrated_accuracy: float, float_accuracy: float, chance_accuracy: float = 0.0) -> float:
@@ -257,7 +259,7 @@ def recommend_fixed_scales(calibrated_accuracy: float, float_accuracy: float, ch
     the feature-map scales **free** so the observers can move them while the weights adapt.
     ``threshold`` in [0, 1). The spec notes there is no universal threshold: run both when you can.
     """
-    _check("threshold", threshold, isinstance(threshold, (int, float)) and 0 <= threshold < 1, "a number in [0, 1)")
+    check_number("threshold", threshold, 0, 1, high_open=True)
     gap = relative_gap(calibrated_accuracy, float_accuracy, chance_accuracy)
     pts = 100 * (float_accuracy - calibrated_accuracy)
     if gap <= threshold:
@@ -275,7 +277,7 @@ def measured_choice(fixed_accuracy: float, free_accuracy: float, tie: float = 0.
     from two measured QAT accuracies."""
     a = _check_accuracy("fixed_accuracy", fixed_accuracy)
     b = _check_accuracy("free_accuracy", free_accuracy)
-    _check("tie", tie, isinstance(tie, (int, float)) and 0 <= tie < 1, "a number in [0, 1)")
+    check_number("tie", tie, 0, 1, high_open=True)
     if abs(a - b) <= tie:
         return "tie"
     return "fixed" if a > b else "free"
