@@ -4,8 +4,8 @@ a kernel fused by ``torch.compile``.
 The ``kl`` observer's time on large activations is bound by building the histogram of ``|x|`` (see
 ``benchmarks/observers.py``). This script times, on the same ReLU-like tensor in one run:
 
-* ``calibkit (kernel)``: ``calibkit.quant.histogram.AccumulatingHistogram.add`` with the compiled one-pass kernel of
-  ``calibkit.quant.native`` (bins, max and NaN/Inf check in one pass; skipped with the reason if it cannot be built);
+* ``calibkit (kernel)``: ``calibkit.quant.accumulating_histogram.AccumulatingHistogram.add`` with the compiled
+  one-pass kernel of ``calibkit.quant.native`` (bins, max and NaN/Inf check in one pass; skipped with the reason if it cannot be built);
 * ``calibkit (torch ops)``: the same call with ``CALIBKIT_NATIVE=0`` (min/max, scale, convert, 4-lane ``bincount``);
 * ``torch.histc``: what NVIDIA ModelOpt's ``HistogramCalibrator`` and torch's ``HistogramObserver`` build on;
 * ``torch.compile``: |x| * (1/width) -> int -> scatter-add fused into one loop by TorchInductor (needs a C++
@@ -23,7 +23,7 @@ import time
 import torch
 
 from calibkit.quant import native
-from calibkit.quant.histogram import AccumulatingHistogram
+from calibkit.quant.accumulating_histogram import AccumulatingHistogram
 
 
 def best_ms(fn, repeat: int) -> float:

@@ -1,4 +1,5 @@
-"""Tests for calibkit.quant.histogram: exact counting, exact growth, KL search, error tables, order statistics."""
+"""Tests for the histogram modules of calibkit.quant: exact counting (histogram, chunks), exact growth
+(accumulating_histogram), KL search (kl_search), error tables and bounds (squared_error), order statistics."""
 
 import math
 
@@ -6,7 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from calibkit.quant import chunks
 from calibkit.quant import histogram as H
+from calibkit.quant import kl_search as KL
+from calibkit.quant import squared_error as SE
+from calibkit.quant.accumulating_histogram import AccumulatingHistogram
+from calibkit.quant.order_statistics import abs_order_statistics, percentile_ranks
 from calibkit.quant.numerics import quantize_dequantize, scale_from_amax
 
 
@@ -68,7 +74,7 @@ def test_counts_are_exact_beyond_float32_integer_range():
     counts = H.abs_histogram(_rows(x), torch.tensor([2.0]), 4)
     assert counts.dtype == torch.int64
     assert int(counts[0, 2]) == n - 1 and int(counts[0, 3]) == 1
-    acc = H.AccumulatingHistogram(4)
+    acc = AccumulatingHistogram(4)
     acc.add(x)
     acc.add(x)
     assert int(acc.counts.sum()) == 2 * n and int(acc.counts.max()) == 2 * (n - 1)
@@ -97,7 +103,7 @@ def _reference_counts(values: np.ndarray, width: float, length: int) -> np.ndarr
 @pytest.mark.parametrize("aligned", [True, False])
 def test_accumulating_histogram_growth_is_exact(aligned):
     g = torch.Generator().manual_seed(3)
-    acc = H.AccumulatingHistogram(bins=16, max_length=40)
+    acc = AccumulatingHistogram(bins=16, max_length=40)
     batches, first_width = [], None
     for scale in (1.0, 1.5, 3.0, 10.0, 40.0, 41.0):
         x = torch.randn(3000, generator=g) * scale
@@ -118,15 +124,15 @@ def test_accumulating_histogram_growth_is_exact(aligned):
 
 
 def test_accumulating_histogram_first_range_and_zero_batches():
-    acc = H.AccumulatingHistogram(bins=64)
+    acc = AccumulatingHistogram(bins=64)
     acc.add(torch.zeros(7))
     assert acc.counts is None and acc.total == 7
     acc.add(torch.tensor([0.0, 3.0, -1.0]))
     assert 64 + 1 <= len(acc) <= 2 * 64  # width = power of two just below 3/64
     assert acc.width == 2.0 ** -5
     assert int(acc.counts[0]) == 8 and int(acc.counts.sum()) == 10
-    with pytest.raises(ValueError, match="max_length=10 is too small"):
-        H.AccumulatingHistogram(bins=8, max_length=10)
+    with pytest.raises(ValueError, match=r"max_length=10 is out of range for bins=8 .*use an integer >= 16"):
+        AccumulatingHistogram(bins=8, max_length=10)
 
 
 # ---------------------------------------------------------------- KL search
@@ -166,7 +172,7 @@ def test_kl_divergences_match_slow_reference_on_random_histograms():
             h[rng.integers(nq, L, 2)] += 1
         h[0] += 1
         ref = _kl_reference(h, nq)
-        got = H.kl_divergences(torch.tensor(h), nq, max_block=53).numpy()  # small blocks: several chunks
+        got = KL.kl_divergences(torch.tensor(h), nq, max_block=53).numpy()  # small blocks: several chunks
         assert np.array_equal(np.isinf(ref), np.isinf(got))
         fin = np.isfinite(ref)
         np.testing.assert_allclose(got[fin], ref[fin], rtol=1e-9, atol=1e-12)
@@ -180,28 +186,28 @@ def test_kl_group_bounds_from_the_table_equal_computed_ones(sparse, monkeypatch)
     if sparse:
         h[400:] = 0
         h[[900, 2999]] = 1
-    table = H.kl_divergences(h, 128)
-    monkeypatch.setattr(H, "BOUNDS_TABLE_BINS", 1000)  # candidates above 1000 bins: computed
-    mixed = H.kl_divergences(h, 128, max_block=129 * 700)  # a block that straddles the limit
+    table = KL.kl_divergences(h, 128)
+    monkeypatch.setattr(KL, "BOUNDS_TABLE_BINS", 1000)  # candidates above 1000 bins: computed
+    mixed = KL.kl_divergences(h, 128, max_block=129 * 700)  # a block that straddles the limit
     assert torch.equal(torch.isinf(table), torch.isinf(mixed))
     fin = torch.isfinite(table)
     assert torch.allclose(table[fin], mixed[fin], rtol=1e-12, atol=0)
-    bounds = H._group_bounds(torch.tensor([128, 999, 1000, 1001, 2900]), 128)
+    bounds = KL._group_bounds(torch.tensor([128, 999, 1000, 1001, 2900]), 128)
     i = torch.tensor([128, 999, 1000, 1001, 2900])[:, None]
     assert torch.equal(bounds, -((-torch.arange(129) * i) // 128))  # ceil(g * i / nq)
 
 
 def test_kl_threshold_on_gaussian_matches_reference():
     g = torch.Generator().manual_seed(4)
-    acc = H.AccumulatingHistogram(bins=256)
+    acc = AccumulatingHistogram(bins=256)
     acc.add(torch.randn(400_000, generator=g))
     hist = acc.counts.clone()
     ref = _kl_reference(hist.numpy(), 128)
     i_ref = 128 + int(np.flatnonzero(ref == ref.min())[-1])
-    assert H.kl_threshold_bins(hist, 128) == i_ref
+    assert KL.kl_threshold_bins(hist, 128) == i_ref
     clip = i_ref * acc.width
     assert 2.0 < clip < 5.0  # a plausible 8-bit entropy threshold for N(0, 1), well inside the max
-    assert H.kl_threshold_bins(torch.zeros(300, dtype=torch.int64), 128) == 0
+    assert KL.kl_threshold_bins(torch.zeros(300, dtype=torch.int64), 128) == 0
 
 
 # ---------------------------------------------------------------- mse error table
@@ -211,7 +217,7 @@ def test_sawtooth_integral_matches_numeric_integration():
             y = np.linspace(0, z, 400001)
             e = (y - np.clip(np.round(y), 0, m)) ** 2
             numeric = np.trapezoid(e, y)
-            got = float(H._sawtooth_integral(np.float64(z), m))
+            got = float(SE._sawtooth_integral(np.float64(z), m))
             assert abs(got - numeric) < 1e-6 * max(1.0, numeric)
 
 
@@ -223,7 +229,7 @@ def test_error_table_scores_match_exact_errors(bits):
     shrinks = tuple(1 - k / 100 for k in range(0, 96, 5))
     B = 2048
     counts = H.signed_histogram(_rows(x), amax, B)
-    table = H.squared_error_table(bits, B, shrinks)
+    table = SE.squared_error_table(bits, B, shrinks)
     assert table.shape == (2 * B, len(shrinks)) and table.dtype == torch.float64
     score = (torch.cat([counts[:, B:], counts[:, :B].flip(1)], 1).double() @ table)[0] * float(amax) ** 2
     exact = torch.tensor([float(((quantize_dequantize(x, scale_from_amax(amax[0] * s, bits), bits) - x) ** 2)
@@ -233,40 +239,24 @@ def test_error_table_scores_match_exact_errors(bits):
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8, 12])
-def test_error_bounds_enclose_the_exact_error(bits):
+def test_bound_tables_enclose_the_exact_error(bits):
     g = torch.Generator().manual_seed(8)
+    shrinks = (1.0, 0.8, 0.3)
+    lo_t, hi_t = SE.squared_error_bound_tables(bits, 2048, shrinks)
+    assert lo_t.shape == hi_t.shape == (len(shrinks), 4096) and lo_t.dtype == torch.float64
+    assert SE.squared_error_bound_tables(bits, 2048, shrinks)[0] is lo_t  # cached
     for x in (torch.randn(50_000, generator=g), torch.randn(50_000, generator=g).relu(),
-              torch.round(torch.randn(5_000, generator=g) * 7), torch.randn(3_000, generator=g) ** 3):
+              torch.round(torch.randn(5_000, generator=g) * 7), torch.randn(3_000, generator=g) ** 3,
+              torch.randn(40_000, generator=g).relu() * 1e-3, torch.randn(3_000, generator=g) ** 3 * 100):
         amax = x.abs().max().reshape(1)
         counts = H.signed_histogram(_rows(x), amax, 2048)
-        for shrink in (1.0, 0.8, 0.3):
+        for k, shrink in enumerate(shrinks):
             scale = scale_from_amax(amax * shrink, bits)
-            lower, upper = (float(b[0]) for b in H.squared_error_bounds(counts, amax, scale, bits))
+            lower, upper = (float((counts.double() @ t[k]) * scale.double() ** 2) for t in (lo_t, hi_t))
             exact = float(((quantize_dequantize(x, scale, bits) - x).double() ** 2).sum())
             assert 0 <= lower <= exact <= upper
             if bits <= 4 and shrink == 1.0:
                 assert lower > 0.9 * exact and upper < 1.1 * exact  # fine bins relative to the step: tight
-
-
-@pytest.mark.parametrize("bits", [2, 4, 8, 12])
-def test_bound_tables_equal_direct_bounds_and_enclose_the_exact_error(bits):
-    g = torch.Generator().manual_seed(9)
-    shrinks = tuple(1 - k / 100 for k in range(0, 96, 5))
-    lo_t, hi_t = H.squared_error_bound_tables(bits, 2048, shrinks)
-    assert lo_t.shape == hi_t.shape == (len(shrinks), 4096) and lo_t.dtype == torch.float64
-    assert H.squared_error_bound_tables(bits, 2048, shrinks)[0] is lo_t  # cached
-    for x in (torch.randn(40_000, generator=g) * 3.7, torch.randn(40_000, generator=g).relu() * 1e-3,
-              torch.randn(3_000, generator=g) ** 3 * 100):
-        amax = x.abs().max().reshape(1)
-        counts = H.signed_histogram(_rows(x), amax, 2048)
-        for k in (0, 1, 6, 19):
-            scale = scale_from_amax(amax * shrinks[k], bits)
-            lower, upper = ((counts.double() @ t[k]) * scale.double() ** 2 for t in (lo_t, hi_t))
-            ref_lo, ref_hi = H.squared_error_bounds(counts, amax, scale, bits)
-            torch.testing.assert_close(lower, ref_lo, rtol=2e-3, atol=0)  # wider margin only
-            torch.testing.assert_close(upper, ref_hi, rtol=2e-3, atol=0)
-            exact = float(((quantize_dequantize(x, scale, bits) - x).double() ** 2).sum())
-            assert 0 <= float(lower) <= exact <= float(upper)
 
 
 # ---------------------------------------------------------------- order statistics
@@ -275,17 +265,17 @@ def test_abs_order_statistics_equal_full_sort_for_large_rows():
     x = torch.randn(300_000, generator=g).relu()
     x[:1000] = 7.0  # ties
     x[5] = -50.0
-    ranks = H.percentile_ranks([50.0, 99.0, 99.9, 99.99, 99.9999, 100.0], x.numel())
-    got = H.abs_order_statistics(_rows(x), ranks)
+    ranks = percentile_ranks([50.0, 99.0, 99.9, 99.99, 99.9999, 100.0], x.numel())
+    got = abs_order_statistics(_rows(x), ranks)
     ref = torch.sort(x.abs()).values[ranks - 1]
     assert torch.equal(got[0], ref)
     small = torch.randn(4, 300, generator=g)
-    r = H.percentile_ranks([99.0, 100.0], 300)
-    assert torch.equal(H.abs_order_statistics(small, r), torch.sort(small.abs(), 1).values[:, r - 1])
+    r = percentile_ranks([99.0, 100.0], 300)
+    assert torch.equal(abs_order_statistics(small, r), torch.sort(small.abs(), 1).values[:, r - 1])
 
 
 def test_percentile_ranks():
-    r = H.percentile_ranks([99.0, 99.99, 100.0, 1e-9], 10_000)
+    r = percentile_ranks([99.0, 99.99, 100.0, 1e-9], 10_000)
     assert r.tolist() == [9900, 9999, 10000, 1]
 
 
@@ -293,7 +283,7 @@ def test_percentile_ranks():
 def test_single_row_counts_match_reference_with_long_runs_of_equal_values(bins):
     # ReLU-like: long runs of exact zeros (the case the lanes exist for), a chunk boundary inside the data
     g = torch.Generator().manual_seed(7)
-    x = torch.relu(torch.randn(H.CPU_CHUNK + 1000, generator=g))
+    x = torch.relu(torch.randn(chunks.CPU_CHUNK + 1000, generator=g))
     x[:5000] = 0.0
     amax = float(x.max())
     counts = H.abs_histogram(_rows(x), torch.tensor([amax]), bins)[0]
@@ -301,18 +291,20 @@ def test_single_row_counts_match_reference_with_long_runs_of_equal_values(bins):
     assert torch.equal(counts, torch.bincount(idx, minlength=bins))
 
 
-@pytest.mark.parametrize("n", [H.CPU_CHUNK + 10, H.CPU_CHUNK + H.CPU_CHUNK // 2 + 10, 3 * H.CPU_CHUNK - 7])
-def test_counts_do_not_depend_on_chunking(n):
-    # a short last chunk is merged into the one before it (not when a per_chunk hook needs the plain
-    # chunks): the counts must be the same either way
+@pytest.mark.parametrize("n", [chunks.CPU_CHUNK + 10, chunks.CPU_CHUNK + chunks.CPU_CHUNK // 2 + 10,
+                               3 * chunks.CPU_CHUNK - 7, 12 * chunks.CPU_CHUNK + 5])
+def test_counts_do_not_depend_on_chunking(n, monkeypatch):
+    # a short last chunk is merged into the one before it, and on CPU the indices of several chunks are counted
+    # together: the counts must equal those of one chunk holding everything
     g = torch.Generator().manual_seed(8)
     x = _rows(torch.randn(n, generator=g))
     amax = x.abs().max()[None]
-    merged = H.signed_histogram(x, amax, 300)
-    seen = []
-    plain = H.signed_histogram(x, amax, 300, per_chunk=lambda xc: seen.append(xc.shape[1]))
-    assert torch.equal(merged, plain) and int(merged.sum()) == n
-    assert seen == [c.shape[1] for c in H.column_chunks(x)]
-    chunks = [c.shape[1] for c in H.column_chunks(x, merge_tail=True)]
-    assert sum(chunks) == n and all(c >= H.CPU_CHUNK for c in chunks[:-1]) and chunks[-1] >= H.CPU_CHUNK // 2
-    assert len(chunks) == len(seen) - (seen[-1] < H.CPU_CHUNK // 2)
+    chunked = (H.signed_histogram(x, amax, 300), H.abs_histogram(x, amax, 300))
+    sizes = [c.shape[1] for c in chunks.column_chunks(x, merge_tail=True)]
+    assert sum(sizes) == n and all(c >= chunks.CPU_CHUNK for c in sizes[:-1]) and sizes[-1] >= chunks.CPU_CHUNK // 2
+    plain = [c.shape[1] for c in chunks.column_chunks(x)]
+    assert len(sizes) == len(plain) - (plain[-1] < chunks.CPU_CHUNK // 2)
+    monkeypatch.setattr(chunks, "CPU_CHUNK", 2 * n)
+    assert len(list(chunks.column_chunks(x))) == 1
+    whole = (H.signed_histogram(x, amax, 300), H.abs_histogram(x, amax, 300))
+    assert all(torch.equal(a, b) for a, b in zip(chunked, whole)) and int(chunked[0].sum()) == n

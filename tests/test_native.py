@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from calibkit.quant import accumulating_histogram
 from calibkit.quant import histogram as H
 from calibkit.quant import native
 from calibkit.errors import CalibrationError
@@ -26,7 +27,7 @@ def torch_path(monkeypatch):
 
 def _torch_counts(x: torch.Tensor, mult: float, length: int) -> torch.Tensor:
     with native.switched(False):
-        return H._binned_counts(x.reshape(1, -1), torch.tensor([mult]), 0.0, length, absolute=True)[0]
+        return H.binned_counts(x.reshape(1, -1), torch.tensor([mult]), 0.0, length, absolute=True)[0]
 
 
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler on PATH")
@@ -105,7 +106,7 @@ def _kl_run(batches, **kw):
 @pytest.mark.skipif(not HAS_CC, reason="no C compiler on PATH")
 @pytest.mark.parametrize("over_keep", [1 << 16, 10])  # growth: the values beyond the range binned alone / all again
 def test_kl_observer_gives_the_same_histogram_and_clip_with_and_without_the_kernel(over_keep, torch_path, monkeypatch):
-    monkeypatch.setattr(H, "OVER_KEEP", over_keep)
+    monkeypatch.setattr(accumulating_histogram, "OVER_KEEP", over_keep)
     g = torch.Generator().manual_seed(5)
     # growing ranges force extensions and pair merges (max_length = 8 * bins); a non-contiguous and a bf16 batch
     batches = [torch.relu(torch.randn(40_000, generator=g)) * s for s in (1.0, 1.2, 5.0, 60.0, 61.0, 2.0)]

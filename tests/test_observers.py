@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from calibkit.quant import histogram as H
 from calibkit.quant import observers as O
+from calibkit.quant.kl_search import kl_threshold_bins
+from calibkit.quant.observers import mse as mse_module
 from calibkit.errors import CalibrationError
 from calibkit.quant.numerics import MIN_SCALE, qrange, quantize_dequantize, scale_from_amax
 
@@ -169,7 +171,7 @@ def test_moving_average_semantics(name):
         counts = obs.histogram.counts.clone()
         counts[0] = counts[1]
         assert obs.histogram.total == 8000
-        assert latest == min(H.kl_threshold_bins(counts, 128) * obs.histogram.width, obs.histogram.max_value)
+        assert latest == min(kl_threshold_bins(counts, 128) * obs.histogram.width, obs.histogram.max_value)
         assert latest != first
         assert math.isclose(run(0.25, [x1, x2]), first + 0.25 * (latest - first), rel_tol=1e-6)
     else:
@@ -321,7 +323,7 @@ def test_nan_inf_empty_and_no_data(name):
 
 @pytest.mark.parametrize("value", [0, 0.0, -1, 100.5, float("nan"), True, "99"])
 def test_bad_percentile(value):
-    with pytest.raises(ValueError, match=r"percentile=.* is out of range: use a value in \(0, 100\]"):
+    with pytest.raises(ValueError, match=r"percentile=.* is out of range: use a number in \(0, 100\]"):
         make("percentile", percentile=value)
 
 
@@ -392,8 +394,10 @@ def test_fixed_scale_observer():
     assert float(make("fixed_scale", scale=0.5).get_amax()) == pytest.approx(0.5 * 127.5)
     with pytest.raises(ValueError, match="exactly one of amax=... or scale=..."):
         make("fixed_scale")
-    with pytest.raises(ValueError, match=r"amax=-1.0 is out of range: use a finite number > 0"):
+    with pytest.raises(ValueError, match=r"amax=-1.0 is out of range: use a number in \(0, inf\)"):
         make("fixed_scale", amax=-1.0)
+    with pytest.raises(ValueError, match=r"scale=inf is out of range: use a number in \(0, inf\)"):
+        make("fixed_scale", scale=float("inf"))
 
 
 @pytest.mark.parametrize("case", ["proven_by_bounds", "proven_by_fine_bins", "measured"])
@@ -410,8 +414,8 @@ def test_mse_large_tensor_decision_equals_exact_comparison(monkeypatch, case):
     else:                               # uniform at 4 bits: the best candidate (k = 1) gains almost nothing
         x, bits = torch.rand(n, generator=g) * 2 - 1, 4
     passes = []
-    real = O.squared_errors
-    monkeypatch.setattr(O, "squared_errors", lambda *a: passes.append(a[1].shape) or real(*a))
+    real = mse_module.squared_errors
+    monkeypatch.setattr(mse_module, "squared_errors", lambda *a: passes.append(a[1].shape) or real(*a))
     obs = make("mse", bits=bits)
     obs(x)
     amax = float(x.abs().max())

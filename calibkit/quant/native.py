@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import math
 import os
 import pathlib
 import platform
@@ -30,6 +31,8 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+from calibkit.checks import check_int, check_number
 
 __all__ = ["available", "abs_counts", "switched", "SOURCE", "library_path"]
 
@@ -190,9 +193,10 @@ def abs_counts(x: torch.Tensor, mult: float, length: int, keep_over: int = 0
 
     Args:
         x: CPU float32 tensor (made contiguous if it is not).
-        mult: bins per unit of ``|x|`` (a float32 value > 0; e.g. ``1 / bin width``).
-        length: number of bins, >= 1.
-        keep_over: also return up to this many of the values whose bin is ``>= length`` (default 0: none).
+        mult: bins per unit of ``|x|``, a finite number > 0 (used as float32; e.g. ``1 / bin width``).
+        length: number of bins, an integer >= 1.
+        keep_over: also return up to this many (an integer >= 0) of the values whose bin is ``>= length``
+            (default 0: none).
     Returns ``(counts, over, nonfinite, maxabs, over_values)``: int64 ``[length]`` counts of the values whose bin
     is below ``length``; the number of finite values whose bin is ``>= length`` and of NaN/Inf values (neither
     is counted); the largest finite ``|x|`` (0.0 if none); float32 ``|x|`` of the out-of-range values when
@@ -205,36 +209,40 @@ def abs_counts(x: torch.Tensor, mult: float, length: int, keep_over: int = 0
         raise RuntimeError("the compiled histogram kernel is unavailable: check calibkit.quant.native.usable(x) first")
     if x.device.type != "cpu" or x.dtype != torch.float32:
         raise ValueError(f"abs_counts needs a CPU float32 tensor, got {x.dtype} on {x.device}")
-    length, keep_over = int(length), int(keep_over)
-    if length < 1:
-        raise ValueError(f"length={length} is out of range: use an integer >= 1")
-    if not (mult > 0 and mult < float("inf")):
-        raise ValueError(f"mult={mult} is out of range: use a finite value > 0")
-    if keep_over < 0:
-        raise ValueError(f"keep_over={keep_over} is out of range: use an integer >= 0")
+    length = check_int("length", int(length), 1)
+    mult = check_number("mult", mult, 0, math.inf, low_open=True, high_open=True)
+    keep_over = check_int("keep_over", int(keep_over), 0)
     x = x.detach().contiguous().reshape(-1)
     parts = max(1, min(torch.get_num_threads(), x.numel() // PARALLEL_MIN_ELEMS))
+    counts, stats, maxabs, over_buf = _run_parts(fn, x.tensor_split(parts), mult, length, keep_over)
+    over, nonfinite = (int(v) for v in stats.sum(0))
+    over_values = None
+    if 0 < over <= keep_over:
+        over_values = torch.cat([over_buf[k, :int(stats[k, 0])] for k in range(parts)])
+    return counts.sum(0) if parts > 1 else counts[0], over, nonfinite, float(maxabs.max()), over_values
+
+
+def _run_parts(fn, slices: tuple[torch.Tensor, ...], mult: float, length: int, keep_over: int):
+    """Runs the kernel on every slice, in parallel when there are several (ctypes releases the GIL). Returns the
+    per-slice ``counts`` int64 ``[P, length]``, ``stats`` int64 ``[P, 2]`` (over, nonfinite), ``maxabs``
+    float32 ``[P]`` and the kept out-of-range values ``[P, max(keep_over, 1)]``."""
+    parts = len(slices)
     counts = torch.zeros(parts, length, dtype=torch.int64)
     lanes = torch.empty(parts, 4 * length, dtype=torch.int32)
     stats = torch.zeros(parts, 2, dtype=torch.int64)
     maxabs = torch.zeros(parts, dtype=torch.float32)
     over_buf = torch.empty(parts, max(keep_over, 1), dtype=torch.float32)
-    slices = x.tensor_split(parts)
 
-    def run(k: int) -> None:  # ctypes releases the GIL: the parts run in parallel
+    def run(k: int) -> None:
         xs = slices[k]
-        fn(xs.data_ptr(), xs.numel(), float(mult), counts[k].data_ptr(), length, lanes[k].data_ptr(),
+        fn(xs.data_ptr(), xs.numel(), mult, counts[k].data_ptr(), length, lanes[k].data_ptr(),
            stats[k].data_ptr(), maxabs[k:k + 1].data_ptr(), over_buf[k].data_ptr(), keep_over)
 
     if parts == 1:
         run(0)
     else:
         list(_pool(parts).map(run, range(parts)))
-    over, nonfinite = (int(v) for v in stats.sum(0))
-    over_values = None
-    if 0 < over <= keep_over:
-        over_values = torch.cat([over_buf[k, :int(stats[k, 0])] for k in range(parts)])
-    return counts.sum(0) if parts > 1 else counts[0], over, nonfinite, float(maxabs.max()), over_values
+    return counts, stats, maxabs, over_buf
 
 
 #: Tensors of at least twice this many elements are split over ``torch.get_num_threads()`` threads.
