@@ -1,11 +1,16 @@
-"""Per-op debugging: error report, sensitivity, overrides (calibkit.analysis.report)."""
+"""Per-op debugging: error report, sensitivity, overrides, quantizer selection (calibkit.analysis) and the report's
+figures (calibkit.tutorial.report_figures)."""
 
 import math
 
 import pytest
 import torch
 
-from calibkit.analysis import report as debug
+from calibkit.analysis.overrides import apply_overrides, override_quantizers, recalibrate
+from calibkit.analysis.report import debug_report, op_histogram
+from calibkit.analysis.selection import quantizers_disabled, quantizers_enabled_only
+from calibkit.analysis.sensitivity import sensitivity
+from calibkit.tutorial.report_figures import plot_op_histogram, plot_overrides_sweep, plot_report
 from calibkit.tutorial.table import Table
 from calibkit.quant.calibrate import calibrate, evaluate
 from calibkit.errors import CalibrationError, StateError
@@ -60,7 +65,7 @@ def test_report_ranks_deliberately_bad_layer_first_and_leaves_model_unchanged(mo
     fq = named_quantizers(model)[BAD]
     fq.load_scale(fq.scale / 50)  # 50x too small: most values clip
     before = _snapshot(model)
-    rep = debug.debug_report(model, calib, progress=False)
+    rep = debug_report(model, calib, progress=False)
     assert rep.worst(1) == [BAD]
     assert rep.sorted()[0].name == BAD
     row = rep[BAD]
@@ -75,21 +80,21 @@ def test_report_ranks_deliberately_bad_layer_first_and_leaves_model_unchanged(mo
 
 def test_report_two_bit_layer_ranks_first(model, data):
     calib, _ = data
-    debug.apply_overrides(model, {BAD: {"observer": "min_max", "bits": 2}}, calib, progress=False)
-    rep = debug.debug_report(model, calib, progress=False)
+    apply_overrides(model, {BAD: {"observer": "min_max", "bits": 2}}, calib, progress=False)
+    rep = debug_report(model, calib, progress=False)
     assert rep.worst(1) == [BAD]
     assert rep[BAD].bits == 2 and "bits=2" in rep[BAD].observer
 
 
 def test_report_numbers_match_direct_computation(model, data):
     calib, _ = data
-    rep = debug.debug_report(model, calib[:1], progress=False)
+    rep = debug_report(model, calib[:1], progress=False)
     qs = named_quantizers(model)
     name = "stage1.conv.conv.out"
     fq = qs[name]
     seen = []
     h = fq.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
-    with debug.quantizers_enabled_only(model, []), torch.no_grad():
+    with quantizers_enabled_only(model, []), torch.no_grad():
         model(calib[0])
     h.remove()
     x = seen[0]
@@ -113,14 +118,14 @@ def test_report_numbers_match_direct_computation(model, data):
 
 def test_report_sorting_table_and_json(model, data):
     calib, _ = data
-    rep = debug.debug_report(model, calib[:1], sort_by="accumulated_sqnr_db", progress=False)
+    rep = debug_report(model, calib[:1], sort_by="accumulated_sqnr_db", progress=False)
     vals = [o.accumulated_sqnr_db for o in rep.sorted()]
     assert vals == sorted(vals)
     acts = rep.sorted(kind="activation")
     assert acts and all(o.kind == "activation" for o in acts)
     clip_sorted = [o.clip_ratio for o in rep.sorted("clip_ratio")]
     assert clip_sorted == sorted(clip_sorted, reverse=True)
-    t = rep.table(top=3)
+    t = Table(**rep.table_data(top=3))
     text = t.to_text()
     assert len(t.rows) == 3 and rep.sorted()[0].name in text and "<table>" in t._repr_html_()
     rows = rep.to_json_rows(top=4)
@@ -139,15 +144,17 @@ def test_op_histogram_and_plots(model, data):
     import matplotlib
     matplotlib.use("Agg")
     calib, _ = data
-    h = debug.op_histogram(model, "stage1.conv.conv.out", calib, bins=64)
+    h = op_histogram(model, "stage1.conv.conv.out", calib, bins=64)
     assert int(h["counts"].sum()) == h["numel"] == 64 * 8 * 15 * 15
     assert h["edges"][-1] >= h["clip"] and len(h["edges"]) == 65
-    hw = debug.op_histogram(model, "fc.weight", calib, bins=16)
+    hw = op_histogram(model, "fc.weight", calib, bins=16)
     assert hw["numel"] == 4 * 8
-    rep = debug.debug_report(model, calib[:1], progress=False)
-    ax = debug.plot_report(rep, top=5)
+    rep = debug_report(model, calib[:1], progress=False)
+    ax = plot_report(rep, top=5)
     assert len(ax.get_yticklabels()) == 5
-    debug.plot_op_histogram(h)
+    plot_op_histogram(h)
+    ax = plot_overrides_sweep([(0, 0.5), (1, 0.6), (2, 0.65)], 0.7, 0.66, "every activation: mse")
+    assert list(ax.get_xticks()) == [0, 1, 2] and len(ax.get_legend().get_texts()) == 3
     import matplotlib.pyplot as plt
     plt.close("all")
 
@@ -172,11 +179,11 @@ def _fq_sets_during(model, fn):
 @pytest.mark.parametrize("mode", ["only_enabled", "only_disabled"])
 def test_sensitivity_touches_exactly_the_intended_quantizers(model, data, mode):
     _, (vx) = data
-    with debug.quantizers_enabled_only(model, []), torch.no_grad():
+    with quantizers_enabled_only(model, []), torch.no_grad():
         vy = model(vx).argmax(1)  # labels = float predictions: float accuracy is 1
     names = ["stage1.conv.conv.out", "fc.weight", "input"]
     before = _snapshot(model)
-    res, sets = _fq_sets_during(model, lambda: debug.sensitivity(model, names, vx, vy, top_k=None, mode=mode,
+    res, sets = _fq_sets_during(model, lambda: sensitivity(model, names, vx, vy, top_k=None, mode=mode,
                                                                    batch_size=32, progress=False))
     all_names = frozenset(named_quantizers(model))
     if mode == "only_enabled":
@@ -192,21 +199,21 @@ def test_sensitivity_touches_exactly_the_intended_quantizers(model, data, mode):
     deltas = [r["delta"] for r in res.rows]
     assert deltas == sorted(deltas, reverse=True)
     r = res.rows[0]
-    ctx = debug.quantizers_enabled_only if mode == "only_enabled" else debug.quantizers_disabled
+    ctx = quantizers_enabled_only if mode == "only_enabled" else quantizers_disabled
     with ctx(model, [r["name"]]):
         acc = evaluate(model, vx, vy, progress=False)
     assert r["accuracy"] == acc
     assert r["delta"] == pytest.approx(1.0 - acc if mode == "only_enabled" else acc - res.quant_accuracy)
-    assert "sensitivity" in res.table().to_text()
+    assert "sensitivity" in Table(**res.table_data()).to_text()
 
 
 def test_sensitivity_from_report_uses_top_k(model, data):
     calib, vx = data
     fq = named_quantizers(model)[BAD]
     fq.load_scale(fq.scale / 50)
-    rep = debug.debug_report(model, calib[:1], progress=False)
+    rep = debug_report(model, calib[:1], progress=False)
     vy = torch.zeros(len(vx), dtype=torch.int64)
-    res = debug.sensitivity(model, rep, vx, vy, top_k=2, progress=False)
+    res = sensitivity(model, rep, vx, vy, top_k=2, progress=False)
     assert sorted(r["name"] for r in res.rows) == sorted(rep.worst(2))
 
 
@@ -217,7 +224,7 @@ def test_overrides_change_exactly_the_named_quantizers(float_model, data):
     old = named_quantizers(model)
     spec = QuantSpec("percentile", bits=8, kwargs={"percentile": 99.0})
     targets = {"stage1.conv.conv.out": spec, "stage2.residual.0.add.out": {"observer": "mse"}}
-    names = debug.apply_overrides(model, targets, calib, progress=False)
+    names = apply_overrides(model, targets, calib, progress=False)
     assert names == list(targets)
     new = named_quantizers(model)
     assert list(new) == list(old)
@@ -247,7 +254,7 @@ def test_recalibrate_only_named_keeps_others_bit_identical(model, data):
     calib, _ = data
     before = _snapshot(model)
     other_batches = [c * 3 for c in calib]  # different data: only the named quantizer may react
-    debug.recalibrate(model, other_batches, ["stage3.conv.conv.out"], progress=False)
+    recalibrate(model, other_batches, ["stage3.conv.conv.out"], progress=False)
     after = _snapshot(model)
     for n in before:
         if n == "stage3.conv.conv.out":
@@ -260,16 +267,16 @@ def test_bad_inputs(model, data):
     calib, vx = data
     vy = torch.zeros(len(vx), dtype=torch.int64)
     with pytest.raises(ValueError, match="close matches.*stage2.conv.conv.out"):
-        debug.override_quantizers(model, {"stage2.conv.conv.ou": {"observer": "mse"}})
+        override_quantizers(model, {"stage2.conv.conv.ou": {"observer": "mse"}})
     with pytest.raises(ValueError, match="close matches"):
-        debug.sensitivity(model, ["stage1.conv.conv.outt"], vx, vy, progress=False)
+        sensitivity(model, ["stage1.conv.conv.outt"], vx, vy, progress=False)
     with pytest.raises(ValueError, match="top_k=0"):
-        debug.sensitivity(model, ["input"], vx, vy, top_k=0, progress=False)
+        sensitivity(model, ["input"], vx, vy, top_k=0, progress=False)
     with pytest.raises(ValueError, match="mode="):
-        debug.sensitivity(model, ["input"], vx, vy, mode="sometimes", progress=False)
+        sensitivity(model, ["input"], vx, vy, mode="sometimes", progress=False)
     with pytest.raises(ValueError, match="sort_by="):
-        debug.debug_report(model, calib, sort_by="beauty", progress=False)
-    rep = debug.debug_report(model, calib[:1], progress=False)
+        debug_report(model, calib, sort_by="beauty", progress=False)
+    rep = debug_report(model, calib[:1], progress=False)
     with pytest.raises(ValueError, match="k=0"):
         rep.worst(0)
     with pytest.raises(ValueError, match="kind='activations'"):
@@ -277,20 +284,24 @@ def test_bad_inputs(model, data):
     with pytest.raises(KeyError, match="close matches"):
         rep["fc.outt"]
     with pytest.raises(ValueError, match="non-empty"):
-        debug.override_quantizers(model, {})
+        override_quantizers(model, {})
     with pytest.raises(ValueError, match="'observer' key"):
-        debug.override_quantizers(model, {"input": {"percentile": 99.0}})
+        override_quantizers(model, {"input": {"percentile": 99.0}})
     with pytest.raises(ValueError, match="percentile=120"):
-        debug.override_quantizers(model, {"input": {"observer": "percentile", "percentile": 120}})
+        override_quantizers(model, {"input": {"observer": "percentile", "percentile": 120}})
+    kept = named_quantizers(model)["fc.out"]
+    with pytest.raises(ValueError, match="percentile=120"):  # every override is checked before any is applied
+        override_quantizers(model, {"fc.out": {"observer": "mse"}, "input": {"observer": "percentile", "percentile": 120}})
+    assert named_quantizers(model)["fc.out"] is kept
     with pytest.raises(TypeError, match="QuantSpec"):
-        debug.override_quantizers(model, {"input": "mse"})
+        override_quantizers(model, {"input": "mse"})
     with pytest.raises(ValueError, match="batches is empty"):
-        debug.debug_report(model, [], progress=False)
+        debug_report(model, [], progress=False)
     with pytest.raises(ValueError, match="bins=1"):
-        debug.op_histogram(model, "input", calib, bins=1)
+        op_histogram(model, "input", calib, bins=1)
     model.train()
     with pytest.raises(StateError, match="eval"):
-        debug.debug_report(model, calib, progress=False)
+        debug_report(model, calib, progress=False)
     model.eval()
 
 
@@ -298,4 +309,4 @@ def test_uncalibrated_model_is_an_error(float_model, data):
     calib, _ = data
     p = prepare(float_model, get_default_qconfig("min_max"), (calib[0][:2],))
     with pytest.raises(CalibrationError, match="no scale"):
-        debug.debug_report(p, calib, progress=False)
+        debug_report(p, calib, progress=False)

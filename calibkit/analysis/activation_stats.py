@@ -37,10 +37,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from calibkit.errors import CalibrationError, PrepareError, StateError
+from calibkit.analysis.selection import require_eval, saved_flags
+from calibkit.checks import check_int, check_number
+from calibkit.devices import model_device
+from calibkit.errors import CalibrationError, PrepareError
+from calibkit.files import atomic_torch_save
 from calibkit.quant.fake_quantize import FakeQuantize, named_quantizers
 from calibkit.quant.histogram import MAX_BINS, abs_histogram, percentile_from_histogram
-from calibkit.quant.observers import check_averaging_constant, check_int_range, check_percentile
+from calibkit.quant.observers import check_averaging_constant, check_percentile
 from calibkit.quant.numerics import check_bits, scale_from_amax
 
 __all__ = ["ActivationStats", "activation_quantizers", "DEFAULT_FINE_BINS"]
@@ -61,11 +65,48 @@ def activation_quantizers(model: nn.Module) -> dict[str, FakeQuantize]:
 
 
 def _check_fine_bins(fine_bins: int) -> int:
-    ok = isinstance(fine_bins, int) and not isinstance(fine_bins, bool) and 2 <= fine_bins <= MAX_BINS
-    if not ok or fine_bins & (fine_bins - 1):
-        raise ValueError(f"fine_bins={fine_bins!r} is out of range: use a power of two in [2, {MAX_BINS}] "
-                         "(e.g. 32768), so that every smaller power-of-two bins value is re-derived exactly")
+    why = " (a power of two, so that every smaller power-of-two bins value is re-derived exactly)"
+    check_int("fine_bins", fine_bins, 2, MAX_BINS, why)
+    if fine_bins & (fine_bins - 1):
+        raise ValueError(f"fine_bins={fine_bins!r} is out of range{why}: use a power of two in [2, {MAX_BINS}], "
+                         "e.g. 32768")
     return fine_bins
+
+
+def _batch_stats(name: str, x: torch.Tensor, fine_bins: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One batch of one quantizer's input: ``(amax float32 [1], cumulative counts int32 [fine_bins], numel)``,
+    on the CPU. ``amax`` is the batch ``max |x|`` exactly as the observers compute it."""
+    if x.numel() == 0:
+        raise CalibrationError(f"quantizer {name!r} received an empty tensor; calibration batches must contain data")
+    x2d = x.reshape(1, -1).to(torch.float32)
+    lo, hi = torch.aminmax(x2d)
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        raise CalibrationError(f"quantizer {name!r}: input contains NaN or Inf values; only finite "
+                               "activations can be calibrated -- check the model / data for overflow")
+    if x2d.shape[1] > _INT32_MAX:
+        raise CalibrationError(f"quantizer {name!r}: {x2d.shape[1]} values in one batch exceed the int32 "
+                               "counters of ActivationStats: use smaller calibration batches")
+    a = torch.maximum(-lo, hi).reshape(-1).to(torch.float32)  # as the observers' _row_amax
+    cum = abs_histogram(x2d, a, fine_bins)[0].cumsum(0).to(torch.int32)
+    return a.cpu(), cum.cpu(), x2d.shape[1]
+
+
+def _run_float(model: nn.Module, batches: Iterable, calibrate_weights: bool, progress: bool) -> None:
+    """Run ``batches`` through ``model`` with no quantizer fake-quantizing (weight observers observe iff
+    ``calibrate_weights``); the caller restores the flags."""
+    for q in named_quantizers(model).values():
+        q.enable_fake_quant(False)
+        q.enable_observer(calibrate_weights and q.kind == "weight")  # a fixed scale never observes
+    device = model_device(model)
+    total = len(batches) if hasattr(batches, "__len__") else None
+    seen = 0
+    for batch in tqdm(batches, total=total, desc="collect stats", disable=not progress, leave=False):
+        if isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        model(batch.to(device))
+        seen += 1
+    if seen == 0:
+        raise CalibrationError("batches is empty: collecting statistics needs at least one batch")
 
 
 class ActivationStats:
@@ -113,59 +154,23 @@ class ActivationStats:
         fine_bins = _check_fine_bins(fine_bins)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a prepared nn.Module, got {type(model).__name__}")
-        if model.training:
-            raise StateError("ActivationStats.collect needs the model in eval mode: call model.eval() first")
+        require_eval(model, "ActivationStats.collect")
         acts = activation_quantizers(model)
-        quantizers = named_quantizers(model)
-        saved = {n: (q.observing, q.fake_quantizing) for n, q in quantizers.items()}
-        device = next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
-        amax = {n: [] for n in acts}
-        counts = {n: [] for n in acts}
-        numel = {n: [] for n in acts}
+        seen = {n: [] for n in acts}  # per batch: (amax, cumulative counts, numel)
 
         def record(name):
-            def hook(module, args):
-                x = args[0].detach()
-                if x.numel() == 0:
-                    raise CalibrationError(f"quantizer {name!r} received an empty tensor; "
-                                           "calibration batches must contain data")
-                x2d = x.reshape(1, -1).to(torch.float32)
-                lo, hi = torch.aminmax(x2d)
-                if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
-                    raise CalibrationError(f"quantizer {name!r}: input contains NaN or Inf values; only finite "
-                                           "activations can be calibrated -- check the model / data for overflow")
-                if x2d.shape[1] > _INT32_MAX:
-                    raise CalibrationError(f"quantizer {name!r}: {x2d.shape[1]} values in one batch exceed the int32 "
-                                           "counters of ActivationStats: use smaller calibration batches")
-                a = torch.maximum(-lo, hi).reshape(-1).to(torch.float32)  # as the observers' _row_amax
-                amax[name].append(a.cpu())
-                counts[name].append(abs_histogram(x2d, a, fine_bins)[0].cumsum(0).to(torch.int32).cpu())
-                numel[name].append(x2d.shape[1])
-            return hook
+            return lambda module, args: seen[name].append(_batch_stats(name, args[0].detach(), fine_bins))
 
         hooks = [q.register_forward_pre_hook(record(n)) for n, q in acts.items()]
         try:
-            for n, q in quantizers.items():
-                q.enable_fake_quant(False)
-                q.enable_observer(calibrate_weights and q.kind == "weight")  # a fixed scale never observes
-            total = len(batches) if hasattr(batches, "__len__") else None
-            seen = 0
-            for batch in tqdm(batches, total=total, desc="collect stats", disable=not progress, leave=False):
-                if isinstance(batch, (tuple, list)):
-                    batch = batch[0]
-                model(batch.to(device))
-                seen += 1
-            if seen == 0:
-                raise CalibrationError("batches is empty: collecting statistics needs at least one batch")
+            with saved_flags(model):
+                _run_float(model, batches, calibrate_weights, progress)
         finally:
             for h in hooks:
                 h.remove()
-            for n, q in quantizers.items():
-                q.enable_observer(saved[n][0])
-                q.enable_fake_quant(saved[n][1])
-        return cls(list(acts), fine_bins, {n: torch.cat(v) for n, v in amax.items()},
-                   {n: torch.stack(v) for n, v in counts.items()},
-                   {n: torch.tensor(v, dtype=torch.int64) for n, v in numel.items()})
+        return cls(list(acts), fine_bins, {n: torch.cat([b[0] for b in v]) for n, v in seen.items()},
+                   {n: torch.stack([b[1] for b in v]) for n, v in seen.items()},
+                   {n: torch.tensor([b[2] for b in v], dtype=torch.int64) for n, v in seen.items()})
 
     # -- re-derivation --------------------------------------------------------------------------------
     def _check_name(self, name: str) -> str:
@@ -175,7 +180,7 @@ class ActivationStats:
 
     def check_bins(self, bins: int) -> int:
         """Validate ``bins`` for re-derivation: a divisor of ``fine_bins`` (power of two) >= 2."""
-        check_int_range("bins", bins, 2, MAX_BINS)
+        check_int("bins", bins, 2, MAX_BINS)
         if self.fine_bins % bins:
             raise ValueError(f"bins={bins} does not divide fine_bins={self.fine_bins}: use one of {self.allowed_bins()} "
                              "or collect the statistics with a larger power-of-two fine_bins")
@@ -270,9 +275,7 @@ class ActivationStats:
             raise ValueError(f"amaxes names {unknown} are not activation quantizers of the model: "
                              f"use names from {list(acts)}")
         for name, a in amaxes.items():
-            a = float(a)
-            if not (math.isfinite(a) and a >= 0):
-                raise ValueError(f"amaxes[{name!r}]={a!r} is out of range: use a finite clip >= 0")
+            a = check_number(f"amaxes[{name!r}]", float(a), 0, math.inf, high_open=True, why=" (a finite clip)")
             q = acts[name]
             if bits is not None:
                 q.bits = bits
@@ -284,7 +287,7 @@ class ActivationStats:
         """All batches of ``name`` on one grid, for plotting: ``(edges float64 [bins+1], counts int64 [bins])``
         over ``[0, max_b amax_b]``. Each fine bin is assigned by its centre (error < one fine bin)."""
         self._check_name(name)
-        check_int_range("bins", bins, 1, MAX_BINS)
+        check_int("bins", bins, 1, MAX_BINS)
         key = (name, bins)
         if key not in self._hist_cache:
             self._hist_cache[key] = self._histogram(name, bins)
@@ -317,11 +320,8 @@ class ActivationStats:
     # -- persistence ----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write the statistics to ``path`` (``torch.save``); reload with :meth:`load`."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"format": _FORMAT, "names": self.names, "fine_bins": self.fine_bins, "amax": self.amax,
-                    "cum_counts": self.cum_counts, "numel": self.numel}, path)
-        return path
+        return atomic_torch_save({"format": _FORMAT, "names": self.names, "fine_bins": self.fine_bins,
+                                  "amax": self.amax, "cum_counts": self.cum_counts, "numel": self.numel}, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "ActivationStats":
