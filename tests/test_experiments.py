@@ -1,4 +1,5 @@
-"""Tests of calibkit.tutorial.experiments: ranks, Spearman, the tuning search, the sweeps and the method table."""
+"""Tests of the tutorial experiments (workflow, comparison, tuning), their table writer and the notebook parameter
+defaults: ranks, Spearman, the tuning search, the sweeps and the method table."""
 
 import json
 import math
@@ -7,11 +8,15 @@ import random
 import pytest
 import torch
 
-from calibkit.tutorial.experiments import (EASE_GRIDS, METHODS, SETTINGS, SPEC_RANKS, MinMaxTrace, QuantSetting, agreement,
-                                  calibrate_and_evaluate, calibration_sets, choose_min_max, compare_methods,
-                                  describe_disagreement, disagreements, ease_of_use, ease_ranges, exclude_subset,
-                                  method_summary, percentile_evaluator, quantizer_table, rank, rank_comparison,
-                                  save_rows, spearman, steps_curve, sweep_min_max, tune_percentile)
+from calibkit.tutorial.comparison import (EASE_GRIDS, SPEC_RANKS, agreement, compare_methods, describe_disagreement,
+                                         disagreements, ease_of_use, ease_ranges, method_summary, rank, rank_comparison,
+                                         spearman)
+from calibkit.tutorial.profiles import resolve_parameters
+from calibkit.tutorial.settings import METHODS, SETTINGS, QuantSetting, calibration_sets
+from calibkit.tutorial.table import Table, save_json, save_rows
+from calibkit.tutorial.tuning import exclude_subset, percentile_evaluator, tune_percentile
+from calibkit.tutorial.workflow import (MinMaxTrace, calibrate_and_evaluate, choose_min_max, quantizer_table,
+                                        steps_curve, sweep_min_max)
 from calibkit.quant.fake_quantize import FakeQuantState, named_quantizers, set_fake_quantize
 from calibkit.quant.calibrate import calibrate
 from calibkit.cifar.models import cifar_resnet
@@ -161,6 +166,12 @@ def test_tuning_bad_arguments():
         tune_percentile(unimodal, start_bins=4096, max_bins=2048)
     with pytest.raises(ValueError, match="finite"):
         tune_percentile(lambda p, b: math.nan)
+    with pytest.raises(ValueError, match="percentile_step=inf"):
+        tune_percentile(unimodal, percentile_step=math.inf)
+    with pytest.raises(ValueError, match="min_gain=-0.1"):
+        tune_percentile(unimodal, min_gain=-0.1)
+    with pytest.raises(ValueError, match="max_evals=0"):
+        tune_percentile(unimodal, max_evals=0)
 
 
 # -- min_max sweep --------------------------------------------------------------------------------------
@@ -329,9 +340,27 @@ def test_save_rows_csv_and_json(tmp_path):
     data = json.loads(paths["json"].read_text())
     assert data[0]["times"] == [1.0, 2.0] and data[1]["accuracy"] is None
     text = paths["csv"].read_text().splitlines()
-    assert text[0] == "method,accuracy,times" and text[1].startswith("mse,0.5,")
+    assert text[0] == "method,accuracy,times" and text[1].startswith("mse,0.5,") and text[2] == "kl,,"
     paths = save_rows({"mse": {"accuracy": 0.5}}, tmp_path, "summary")
     assert json.loads(paths["json"].read_text()) == [{"key": "mse", "accuracy": 0.5}]
+    # the table writes through the same writer; save_json takes tensors, settings and non-finite floats
+    assert Table(rows, columns=["method", "accuracy"]).to_csv(tmp_path / "t.csv").read_text().splitlines() == [
+        "method,accuracy", "mse,0.5", "kl,"]
+    obj = {"t": torch.tensor([1.5, math.inf]), "s": SETTINGS[0], 3: (math.nan,)}
+    assert json.loads(save_json(obj, tmp_path / "m.json").read_text()) == {
+        "t": [1.5, None], "s": {"name": "a8/w8-ch", "activation_bits": 8, "weight_bits": 8,
+                                "per_channel_weights": True}, "3": [None]}
+
+
+def test_notebook_parameters_from_the_profile():
+    p = resolve_parameters("02", "smoke", sweep_steps=[2, 4], curve_bits=None)
+    assert p.sweep_steps == [2, 4] and p.curve_bits == [8, 4] and p.sweep_batch_sizes == [16, 64]
+    assert resolve_parameters("04", "full").calib_seeds == [0, 1]
+    assert resolve_parameters("04", "smoke", tune_max_evals=5).tune_max_evals == 5
+    with pytest.raises(ValueError, match="no parameter"):
+        resolve_parameters("04", "smoke", sweep_steps=[2])
+    with pytest.raises(ValueError, match="profile="):
+        resolve_parameters("02", "medium")
 
 
 def test_exclude_subset():
@@ -363,7 +392,7 @@ def test_comparison_plots_render():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from calibkit.tutorial import figures as P
+    from calibkit.tutorial import experiment_figures as P
 
     sweep = [{"activation_bits": b, "batch_size": bs, "averaging_constant": c, "steps": s, "accuracy": 0.5 + c / 10}
              for b in (8, 4) for bs in (16, 64) for c in (0.01, 0.5) for s in (2, 16)]

@@ -117,16 +117,18 @@ def test_live_explorer_widgets(setup):
     assert ex.result["bits"] == 4 and not ex.result["cached"]
 
 
-def test_table_helpers_and_histogram_plot(tmp_path):
-    from calibkit.tutorial.figures import format_table, html_table, plot_histogram_with_clips, write_csv
+def test_table_and_histogram_plot(tmp_path):
+    from calibkit.tutorial.figures import plot_histogram_with_clips
+    from calibkit.tutorial.table import Table
 
     rows = [{"method": "mse", "accuracy": 0.91234, "seconds": 3}, {"method": "kl<x>", "accuracy": float("nan")}]
-    text = format_table(rows, floatfmt="{:.2f}").splitlines()
+    text = Table(rows, float_format=".2f").to_text().splitlines()
     assert text[0].split() == ["method", "accuracy", "seconds"] and text[2].split() == ["mse", "0.91", "3"]
-    assert text[3].split() == ["kl<x>", "nan"]
-    assert "<td>kl&lt;x&gt;</td>" in html_table(rows) and "<caption>c</caption>" in html_table(rows, caption="c")
-    lines = write_csv(tmp_path / "t.csv", rows).read_text().splitlines()
-    assert lines == ["method,accuracy,seconds", "mse,0.91234,3", "kl<x>,nan,"]
+    assert text[3].split() == ["kl<x>", "nan", "-"]
+    assert "<td>kl&lt;x&gt;</td>" in Table(rows)._repr_html_()
+    assert "<caption>c</caption>" in Table(rows, title="c")._repr_html_()
+    lines = Table(rows).to_csv(tmp_path / "t.csv").read_text().splitlines()
+    assert lines == ["method,accuracy,seconds", "mse,0.91234,3", "kl<x>,,"]
     fig = plot_histogram_with_clips(([0.0, 1.0, 2.0], [5, 1]), {"mse": 1.5, "min_max": 2.0}, title="t")
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["values", "mse: 1.5", "min_max: 2"]

@@ -1,4 +1,4 @@
-"""How the ``percentile`` method behaves on the three activation shapes the spec names (notebook 03).
+"""How the ``percentile`` method behaves on the three activation shapes of docs/methods.md#percentile-tuning (notebook 03).
 
 Synthetic, seeded distributions (values are signed; the percentile works on ``|x|``):
 

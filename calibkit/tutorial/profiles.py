@@ -13,8 +13,10 @@ All image tensors are normalized float32 ``[N, 3, 32, 32]``; labels int64 ``[N]`
 
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -58,6 +60,36 @@ def get_quant_profile(profile: str) -> QuantProfile:
     if profile not in QUANT_PROFILES:
         raise ValueError(f"profile={profile!r} is unknown: use one of {sorted(QUANT_PROFILES)}")
     return QUANT_PROFILES[profile]
+
+
+#: Per-profile defaults of the notebooks' optional parameters (a parameter cell value of ``None`` takes these):
+#: notebook 02's sweep grids and steps curve, notebook 04's calibration seeds and tuning budget. Smoke must finish
+#: in about a minute on 2 CPU cores.
+NOTEBOOK_DEFAULTS: dict[str, dict[str, dict]] = {
+    "02": {
+        "full": dict(sweep_batch_sizes=[32, 256], sweep_averaging_constants=[0.01, 0.1, 0.5], sweep_steps=[2, 16, 128],
+                     sweep_bits=[8, 6, 4], curve_steps=[1, 2, 4, 8, 16, 32, 64, 128], curve_seeds=[0, 1],
+                     curve_bits=[8, 4]),
+        "smoke": dict(sweep_batch_sizes=[16, 64], sweep_averaging_constants=[0.01, 0.1, 0.5], sweep_steps=[2, 16],
+                      sweep_bits=[8, 6, 4], curve_steps=[1, 2, 4, 8, 16], curve_seeds=[0], curve_bits=[8, 4]),
+    },
+    "04": {
+        "full": dict(calib_seeds=[0, 1], tune_max_evals=24),
+        "smoke": dict(calib_seeds=[0], tune_max_evals=12),
+    },
+}
+
+
+def resolve_parameters(notebook: str, profile: str, **values) -> SimpleNamespace:
+    """The parameters of ``notebook`` ("02", "04") for ``profile``: each of ``values`` as given, or where it is
+    ``None`` (or not given) the profile's default from :data:`NOTEBOOK_DEFAULTS`."""
+    if notebook not in NOTEBOOK_DEFAULTS:
+        raise ValueError(f"notebook={notebook!r} is unknown: use one of {sorted(NOTEBOOK_DEFAULTS)}")
+    defaults = NOTEBOOK_DEFAULTS[notebook][get_quant_profile(profile).name]
+    unknown = sorted(set(values) - set(defaults))
+    if unknown:
+        raise ValueError(f"notebook {notebook} has no parameter {unknown}: use some of {sorted(defaults)}")
+    return SimpleNamespace(**{k: deepcopy(default) if values.get(k) is None else values[k] for k, default in defaults.items()})
 
 
 def load_float_model(checkpoint_path: str | Path, device=None) -> tuple[nn.Module, dict]:
