@@ -54,6 +54,8 @@ def check_02(m, out):
     assert abs(m["quantized_accuracy"] - m["float_accuracy"]) < 0.05
     assert m["batch_size"] >= 1 and 0.0 <= m["averaging_constant"] <= 1.0
     assert list(out.glob("*.csv")) and list(out.glob("*.png"))
+    hand = m["by_hand"]  # the running min/max replayed by hand gives the library's scale exactly
+    assert hand["scale"][0] == hand["scale"][1]
 
 
 def check_03(m, out):
@@ -63,6 +65,15 @@ def check_03(m, out):
         assert 0.0 <= row["accuracy"] <= 1.0 and row["calib_seconds"] > 0
         assert row["accuracy"] > m["float_accuracy"] - 0.05, f"int8 {name} is far below float"
     assert 0.0 <= m["slider"]["accuracy"] <= 1.0 and m["slider"]["seconds"] > 0
+    # one real activation by hand: the percentile clip and the KL search are the library's exactly; the mse scan
+    # may pick a neighbouring candidate (the library ranks estimated errors), never one with more than 0.1 % error
+    hand = m["by_hand"]
+    assert hand["percentile_clip"][0] == hand["percentile_clip"][1]
+    assert hand["kl_threshold"][0] == hand["kl_threshold"][1]
+    assert hand["mse_l2_error"][1] <= hand["mse_l2_error"][0] * (1 + 1e-3)
+    assert len(hand["kl_divergences"]) >= 5
+    for by_hand, library in hand["kl_divergences"].values():
+        assert (by_hand is None and library is None) or math.isclose(by_hand, library, rel_tol=1e-9)
 
 
 def check_04(m, out):
@@ -76,6 +87,10 @@ def check_04(m, out):
     assert accs and all(b >= a for a, b in zip(accs, accs[1:])), "the accepted tuning path never loses accuracy"
     assert set(m["spearman"]) == {"speed", "accuracy", "ease"}
     assert list(out.glob("*.csv")), "notebook 04 saves its tables as CSV"
+    hand = m["by_hand"]  # the comparison loop written out for one setting equals compare_methods
+    assert set(hand["accuracy"]) == set(METHODS)
+    assert all(by_hand == library for by_hand, library in hand["accuracy"].values())
+    assert hand["tuning_trace"]["steps"] >= 3 and hand["tuning_trace"]["equals_search_prefix"]
 
 
 def check_05(m, out):
@@ -83,6 +98,11 @@ def check_05(m, out):
     sqnr = [row[m["sort_by"]] for row in m["per_op"]]
     assert sqnr == sorted(sqnr), "per-op table is sorted worst first"
     assert m["accuracy_after_overrides"] >= m["accuracy_before"], "overriding the worst ops must not lose accuracy"
+    # one op's accumulated and isolated error, by hand with two forward hooks, equal the report's (float32 sums)
+    hand = m["by_hand"]
+    for key in ("accumulated_sqnr_db", "isolated_sqnr_db"):
+        by_hand, library = hand[key]
+        assert abs(by_hand - library) < 1e-4, (key, by_hand, library)
 
 
 def check_06(m, out):

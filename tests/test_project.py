@@ -126,3 +126,17 @@ def test_parameter_cell_holds_values_only(nb_path):
         assert isinstance(stmt, ast.Assign) and all(isinstance(t, ast.Name) for t in stmt.targets), \
             f"{nb_path.name}: the parameters cell holds only `name = value` lines: {ast.unparse(stmt)!r}"
         ast.literal_eval(stmt.value)  # raises ValueError for anything but a literal
+
+
+def test_interactive_parameters_fill_only_what_is_left_open(monkeypatch):
+    from calibkit.tutorial.runner import interactive_parameters
+
+    for var in ("CALIBKIT_PROFILE", "CALIBKIT_OUTPUT_ROOT", "CALIBKIT_LIVE_WIDGETS"):
+        monkeypatch.delenv(var, raising=False)
+    assert interactive_parameters("03_x") == ("full", "../outputs/full/03_x", "../outputs/full/01_train_float/model.pt", True)
+    monkeypatch.setenv("CALIBKIT_PROFILE", "smoke")
+    monkeypatch.setenv("CALIBKIT_OUTPUT_ROOT", "/tmp/o")
+    monkeypatch.setenv("CALIBKIT_LIVE_WIDGETS", "false")
+    assert interactive_parameters("03_x") == ("smoke", "/tmp/o/03_x", "/tmp/o/01_train_float/model.pt", False)
+    # papermill's values win over the environment
+    assert interactive_parameters("03_x", "full", "out", "ck.pt", True) == ("full", "out", "ck.pt", True)

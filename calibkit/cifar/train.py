@@ -238,35 +238,24 @@ def train(model, ds, epochs: int, batch_size: int = 1024, lr: float = 1.5, seed:
           logit_scale: float = 1 / 9, lookahead: bool = True, whiten: bool = True, pool_first: bool | None = None,
           amp: bool | None = None, eval_every: int = 1, tta: bool | int = False, eval_batch_size: int = 1000,
           progress: bool = True) -> dict:
-    """Train ``model`` in place on ``ds.train_images`` / ``ds.train_labels`` (uint8 ``[N,3,H,W]``, int64 ``[N]``).
+    """Train ``model`` in place on ``ds.train_images`` / ``ds.train_labels`` (uint8 ``[N,3,H,W]``, int64 ``[N]``) with
+    the recipe of the module docstring; every argument is checked before anything changes.
 
-    The defaults are an airbench-style recipe (Keller Jordan's fast CIFAR-10 training) adapted to a ReLU model
-    that must stay foldable and quantizable. Arguments (each checked before anything changes):
+    Schedule: ``epochs`` passes (>= 1, last incomplete batch dropped) of ``batch_size`` (in [1, N]) images; peak
+    ``lr`` (> 0) after ``warmup_epochs`` (>= 0) of linear warm-up, then linear decay to 0; Nesterov ``momentum`` in
+    [0, 1); every trained tensor decays by ``lr * weight_decay`` (>= 0) per step whatever its lr factor
+    (``head_lr_scale`` for the last ``nn.Linear``, ``bias_lr_scale`` for BN biases, both > 0); ``label_smoothing``
+    in [0, 1); the loss sees ``logit_scale * logits`` (> 0), folded into the last ``nn.Linear`` at the end.
+    ``seed``: data order and augmentation (seed the init yourself). ``flip`` / ``translate`` / ``cutout``: see
+    ``augment`` (``alternate_flip``: mirror every other epoch). ``freeze_bn_weight``, ``bn_momentum`` (in (0, 1] while
+    training, None keeps the model's), ``lookahead`` (sync every 5 steps; the slow copy is returned), ``whiten``
+    (whitened, frozen ``stem.conv``), ``pool_first`` (None = ``freeze_bn_weight``), ``amp`` (bf16 autocast, None =
+    where fast). ``eval_every`` epochs (0 = last only) the test accuracy is measured with test-time augmentation
+    ``tta`` (see ``calibkit.cifar.evaluate.predict``).
 
-    - epochs (>= 1; the last incomplete batch of each pass is dropped), batch_size (in [1, N]), lr (peak, > 0, for
-      the mean loss), warmup_epochs (>= 0: linear warm-up, then linear decay to 0), seed (data order and
-      augmentation; seed the model's init yourself with ``torch.manual_seed``).
-    - momentum: Nesterov, in [0, 1). weight_decay (>= 0): every trained tensor decays by ``lr * weight_decay`` per
-      step whatever its lr factor. label_smoothing: in [0, 1).
-    - flip / translate / cutout: augmentation, see ``augment`` (cutout fills with the mean training pixel).
-      alternate_flip: with ``flip``, mirror at random in the first epoch, then exactly every other epoch.
-    - head_lr_scale, bias_lr_scale (> 0): lr factors of the final ``nn.Linear`` and of the BN biases (airbench: 64).
-      freeze_bn_weight: BN weights stay at their initial value. bn_momentum: in (0, 1] during training (restored
-      afterwards), None keeps the model's.
-    - logit_scale (> 0): the loss sees ``logit_scale * model(x)``; folded into the last ``nn.Linear`` at the end.
-    - lookahead: a slow copy of the weights, synchronised every 5 steps with decay ``0.95**5 * (step/total)**3``;
-      the returned model is the slow copy (runs under 5 steps return the trained weights).
-    - whiten: initialize ``stem.conv`` with ``whiten_stem_`` from 5,000 training images (drawn with ``seed``) and
-      keep it frozen. pool_first: every ``Stage`` pools before its BN and ReLU while training (needs frozen,
-      positive BN weights; None = ``freeze_bn_weight``). amp: bfloat16 autocast for forward/backward (None = on
-      where ``bf16_supported``).
-    - eval_every: test accuracy (``ds.test_images``) every this many epochs and after the last (0 = last only);
-      tta: test-time augmentation level of those evaluations (see ``calibkit.cifar.evaluate.predict``).
-
-    Returns a history dict: per-epoch lists ``epoch``, ``train_loss``, ``train_accuracy`` (augmented batches),
-    ``test_accuracy`` (None where not evaluated), ``epoch_seconds`` (training only), ``eval_seconds``; plus
-    ``train_seconds``, ``test_accuracy_final``, ``steps`` and the hyperparameters. The model is left in eval mode,
-    on its device, in channels-last memory format.
+    Returns a history dict: per-epoch ``epoch``, ``train_loss``, ``train_accuracy`` (augmented batches),
+    ``test_accuracy`` (None where not evaluated), ``epoch_seconds``, ``eval_seconds``; plus ``train_seconds``,
+    ``test_accuracy_final``, ``steps`` and the settings. The model ends in eval mode, channels-last.
     """
     settings = {k: v for k, v in locals().items() if k not in ("model", "ds", "progress", "eval_batch_size")}
     n = len(ds.train_images)

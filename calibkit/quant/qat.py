@@ -126,32 +126,22 @@ def train_qat(model: nn.Module, train_images: torch.Tensor, train_labels: torch.
               checkpoint_meta: dict | None = None, progress: bool = True) -> dict:
     """QAT of a prepared, calibrated ``model`` in place, in the one training loop (:func:`calibkit.loop.train_steps`).
 
-    Args:
-        model: output of ``prepare``, calibrated (every quantizer has a scale; else ``CalibrationError``).
-        train_images, train_labels: ``[N, ...]`` training inputs (any dtype ``augment`` / ``preprocess`` accept) and
-            int64 labels ``[N]``; batches are drawn from a stream of permutations seeded by ``seed``.
-        val_images, val_labels: model-ready validation data for the curve (optional).
-        fix_feature_map_scales: fix activation scales (True) or let activation observers update (False); see
-            ``docs/methods.md#fixed-or-free-feature-map-scales``.
-        epochs: passes over the training data (> 0, fractions allowed); steps = round(epochs * N / batch_size),
-            at least 1. batch_size: in [1, N]. lr: peak learning rate (> 0); warmup_fraction (in [0, 1)) of the
-            steps warm up linearly, then a cosine decay to 0.
-        momentum (in [0, 1)), weight_decay (>= 0, weights only): the default optimizer's, Nesterov SGD.
-        label_smoothing: in [0, 1), for the default loss (cross-entropy).
-        augment: ``augment(images, generator) -> images`` on each CPU batch (e.g. the CIFAR example's flips and
-            shifts), drawing from the seeded generator; None = no augmentation.
-        preprocess: ``preprocess(batch) -> model input`` after the batch is on the model's device (e.g.
-            normalization of uint8 images); None = the batch as it is.
-        loss_fn: ``loss_fn(model, inputs, labels) -> (loss, logits)``; None = cross-entropy with label smoothing.
-        optimizer: built over ``model.parameters()``; None = :func:`default_optimizer`.
-        evals: validation points along the run besides the start (>= 1; needs val data).
-        checkpoint_path: if given, the prepared model is saved there (:func:`calibkit.quant.io.save_prepared`,
-            atomic) at every whole epoch and at the end, with ``checkpoint_meta`` plus the history so far.
+    ``model``: from ``prepare``, calibrated (else ``CalibrationError``). ``train_images`` / ``train_labels``: ``[N, ...]``
+    inputs and int64 ``[N]`` labels, drawn from a stream of permutations seeded by ``seed``; ``augment(images,
+    generator)`` changes each CPU batch, ``preprocess(batch)`` turns it into model input on the model's device (None:
+    neither). ``val_images`` / ``val_labels``: model-ready data for the curve, measured at the start and at ``evals``
+    (>= 1) evenly spread steps. ``fix_feature_map_scales``: activation scales fixed (True) or following their
+    observers (False), see ``docs/methods.md#fixed-or-free-feature-map-scales``. ``epochs`` (> 0, fractions allowed)
+    gives ``round(epochs * N / batch_size)`` steps (at least 1; ``batch_size`` in [1, N]); peak ``lr`` (> 0) after a
+    linear warm-up over ``warmup_fraction`` (in [0, 1)) of them, then a cosine decay to 0. ``loss_fn(model, x, y) ->
+    (loss, logits)`` (None: cross-entropy with ``label_smoothing`` in [0, 1)); ``optimizer`` (None:
+    :func:`default_optimizer` with ``momentum`` in [0, 1) and ``weight_decay`` >= 0). ``checkpoint_path``: the model
+    is saved there (:func:`calibkit.quant.io.save_prepared`) at every whole epoch and at the end, with
+    ``checkpoint_meta`` and the history so far.
 
-    Returns a history dict: ``step``, ``epoch``, ``lr``, ``train_loss`` per step; ``eval_step``,
-    ``val_accuracy`` and ``act_scale_change`` (mean relative change of the activation scales since the
-    start) at the start and at each validation point; ``steps``, ``seconds`` (training only),
-    ``fix_feature_map_scales`` and the settings. The model ends in eval mode, ``FakeQuantState.VALIDATION``.
+    Returns a history dict: ``step``, ``epoch``, ``lr``, ``train_loss`` per step; ``eval_step``, ``val_accuracy`` and
+    ``act_scale_change`` (mean relative change of the activation scales since the start) per validation point;
+    ``steps``, ``seconds`` (training only) and the settings. The model ends in eval mode, ``FakeQuantState.VALIDATION``.
     """
     n = len(train_images)
     _check_qat_args(n, len(train_labels), val_images, val_labels, epochs, batch_size, lr, momentum, weight_decay,

@@ -1,7 +1,10 @@
-"""What the notebooks stand on: profiles and set-up, the experiments behind notebooks 02 and 04, tables, figures,
-widgets, the percentile distribution gallery and the notebook runner. It may import every other floor; nothing
-imports it."""
+"""What the notebooks stand on: profiles and set-up (``profiles``), the experiments behind notebook 02
+(``workflow``) and notebook 04 (``comparison``, ``tuning``, with their shared ``settings``), the one table type
+(``table``), every figure (``figures``, ``experiment_figures``, ``report_figures``, ``float_figures``), the
+percentile explorer (``widgets``), the distribution gallery (``gallery``) and the notebook runner (``runner``).
+It may import every other floor; nothing imports it."""
 
 from calibkit.tutorial.profiles import (
-    QUANT_PROFILES, QuantProfile, TutorialSetup, get_quant_profile, load_float_model, setup,
+    NOTEBOOK_DEFAULTS, QUANT_PROFILES, QuantProfile, TutorialSetup, get_quant_profile, load_float_model,
+    resolve_parameters, setup,
 )

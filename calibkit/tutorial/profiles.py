@@ -63,7 +63,8 @@ def get_quant_profile(profile: str) -> QuantProfile:
 
 
 #: Per-profile defaults of the notebooks' optional parameters (a parameter cell value of ``None`` takes these):
-#: notebook 02's sweep grids and steps curve, notebook 04's calibration seeds and tuning budget. Smoke must finish
+#: notebook 02's sweep grids and steps curve, notebook 04's calibration seeds and tuning budget, notebook 05's
+#: report and sweep sizes, notebook 06's QAT budget and tie tolerance. Smoke must finish
 #: in about a minute on 2 CPU cores.
 NOTEBOOK_DEFAULTS: dict[str, dict[str, dict]] = {
     "02": {
@@ -77,11 +78,21 @@ NOTEBOOK_DEFAULTS: dict[str, dict[str, dict]] = {
         "full": dict(calib_seeds=[0, 1], tune_max_evals=24),
         "smoke": dict(calib_seeds=[0], tune_max_evals=12),
     },
+    "05": {
+        "full": dict(max_overrides=6, debug_batches=4, sensitivity_top_k=8),
+        "smoke": dict(max_overrides=3, debug_batches=2, sensitivity_top_k=3),
+    },
+    "06": {  # QAT budget from QUANT_PROFILES; qat_train_images None = every training image
+        "full": dict(qat_epochs=QUANT_PROFILES["full"].qat_epochs, qat_train_images=QUANT_PROFILES["full"].qat_train_images,
+                     qat_evals=8, tie_tolerance=0.002),
+        "smoke": dict(qat_epochs=QUANT_PROFILES["smoke"].qat_epochs,
+                      qat_train_images=QUANT_PROFILES["smoke"].qat_train_images, qat_evals=2, tie_tolerance=0.01),
+    },
 }
 
 
 def resolve_parameters(notebook: str, profile: str, **values) -> SimpleNamespace:
-    """The parameters of ``notebook`` ("02", "04") for ``profile``: each of ``values`` as given, or where it is
+    """The parameters of ``notebook`` ("02", "04", "05", "06") for ``profile``: each of ``values`` as given, or where it is
     ``None`` (or not given) the profile's default from :data:`NOTEBOOK_DEFAULTS`."""
     if notebook not in NOTEBOOK_DEFAULTS:
         raise ValueError(f"notebook={notebook!r} is unknown: use one of {sorted(NOTEBOOK_DEFAULTS)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -68,6 +69,21 @@ def run_notebook(nb_path: Path, profile: str, output_root: Path, extra: dict | N
         raise RuntimeError(f"{nb_path.name} ran but wrote no metrics.json into {out_dir}")
     return {"notebook": nb_path.name, "executed": str(executed), "seconds": seconds,
             "metrics": json.loads(metrics_path.read_text())}
+
+
+def interactive_parameters(stem: str, profile: str | None = None, output_dir: str | None = None,
+                           checkpoint_path: str | None = None, live_widgets: bool | None = None):
+    """``(profile, output_dir, checkpoint_path, live_widgets)`` of a notebook opened by hand, where its parameters
+    are left at None: ``$CALIBKIT_PROFILE`` (else ``"full"``); ``<root>/<stem>`` and ``<root>/01_train_float/model.pt``
+    under ``$CALIBKIT_OUTPUT_ROOT`` (else ``../outputs/<profile>``); ``$CALIBKIT_LIVE_WIDGETS`` (``0``, ``false``
+    or ``no``: off; else on). Values that papermill (or the user) set are kept."""
+    profile = profile or os.environ.get("CALIBKIT_PROFILE", "full")
+    root = os.environ.get("CALIBKIT_OUTPUT_ROOT", f"../outputs/{profile}")
+    output_dir = output_dir or os.path.join(root, stem)
+    checkpoint_path = checkpoint_path or os.path.join(root, CHECKPOINT_NOTEBOOK, "model.pt")
+    if live_widgets is None:
+        live_widgets = os.environ.get("CALIBKIT_LIVE_WIDGETS", "1").strip().lower() not in ("0", "false", "no")
+    return profile, output_dir, checkpoint_path, bool(live_widgets)
 
 
 def update_summary(path: Path, results: list[dict]) -> dict:
