@@ -409,3 +409,19 @@ def test_comparison_plots_render():
         plt.close(f)
     with pytest.raises(ValueError, match="x="):
         P.plot_minmax_sweep(sweep, x="steps")
+
+
+def test_qat_curves_render_every_run():
+    import matplotlib
+    matplotlib.use("Agg")
+    from calibkit.tutorial.qat_figures import plot_qat_curves
+
+    hist = {"batch_size": 32, "train_images": 320, "eval_step": [0, 5, 10], "val_accuracy": [0.5, 0.6, 0.7],
+            "train_loss": [2.0 - 0.1 * i for i in range(10)], "epoch": [(i + 1) / 10 for i in range(10)],
+            "act_scale_change": [0.0, 0.01, 0.02]}
+    runs = {f"{s}_{m}": hist for s in ("well", "poor") for m in ("fixed", "free")}
+    fig = plot_qat_curves(runs, float_accuracy=0.8)
+    acc_ax, loss_ax, scale_ax = fig.axes
+    assert len(acc_ax.lines) == 5 and len(loss_ax.lines) == 4 and len(scale_ax.lines) == 4  # + the float line
+    assert list(acc_ax.lines[0].get_xdata()) == [0.0, 0.5, 1.0] and list(acc_ax.lines[0].get_ydata()) == [50, 60, 70]
+    assert len(loss_ax.lines[0].get_xdata()) == 10  # fewer than 25 steps: no smoothing window beyond 1
