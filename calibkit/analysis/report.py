@@ -39,7 +39,7 @@ from calibkit.analysis.selection import (
 )
 from calibkit.checks import check_int
 from calibkit.devices import model_device
-from calibkit.quant.fake_quantize import FakeQuantize, _require_quantizers, named_quantizers
+from calibkit.quant.fake_quantize import FakeQuantize, require_quantizers, named_quantizers
 from calibkit.quant.numerics import quantize_dequantize
 
 __all__ = ["OpError", "DebugReport", "debug_report", "op_histogram", "SORT_KEYS"]
@@ -279,7 +279,7 @@ def debug_report(model: nn.Module, batches, sort_by: str = "isolated_sqnr_db", p
     _check_sort_by(sort_by)
     require_eval(model, "debug_report")
     batches = input_batches(batches)
-    qs = _require_quantizers(model)
+    qs = require_quantizers(model)
     device = model_device(model)
     weighted = _weighted_modules(model)
     stats = {n: _OpStats() for n in qs}

@@ -17,14 +17,14 @@ import torch
 from torch import nn
 
 from calibkit.errors import StateError
-from calibkit.quant.fake_quantize import FakeQuantize, _require_quantizers, named_quantizers, ready_scales
+from calibkit.quant.fake_quantize import FakeQuantize, require_quantizers, named_quantizers, ready_scales
 
 __all__ = ["quantizers_enabled_only", "quantizers_disabled", "check_quantizer_names"]
 
 
 def check_quantizer_names(model: nn.Module, names: Iterable[str], param: str = "names") -> list[str]:
     """Validate quantizer names of ``model``; unknown ones raise ``ValueError`` with close matches."""
-    qs = _require_quantizers(model)
+    qs = require_quantizers(model)
     if isinstance(names, str):
         names = [names]
     names = list(names)

@@ -268,7 +268,8 @@ def named_quantizers(model: nn.Module) -> "OrderedDict[str, FakeQuantize]":
     return out
 
 
-def _require_quantizers(model: nn.Module) -> "OrderedDict[str, FakeQuantize]":
+def require_quantizers(model: nn.Module) -> "OrderedDict[str, FakeQuantize]":
+    """The quantizers of a prepared ``model`` by name; ``PrepareError`` if it has none (``TypeError`` if no module)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     qs = named_quantizers(model)
@@ -310,7 +311,7 @@ def set_fake_quantize(model: nn.Module, state: FakeQuantState | str) -> nn.Modul
     quantizer without data, leaving the model unchanged.
     """
     state = _as_state(state)
-    qs = _require_quantizers(model)
+    qs = require_quantizers(model)
     if model.training != state.needs_training_mode:
         need, call = ("train", "model.train()") if state.needs_training_mode else ("eval", "model.eval()")
         have = "train" if model.training else "eval"
@@ -327,7 +328,7 @@ def set_fake_quantize(model: nn.Module, state: FakeQuantState | str) -> nn.Modul
 
 def get_fake_quantize_state(model: nn.Module) -> FakeQuantState | None:
     """The state last set by ``set_fake_quantize`` (``None`` if never set or mixed)."""
-    states = {fq.state for fq in _require_quantizers(model).values()}
+    states = {fq.state for fq in require_quantizers(model).values()}
     return states.pop() if len(states) == 1 else None
 
 
@@ -338,7 +339,7 @@ def fix_activation_scales(model: nn.Module) -> list[str]:
     Scales are computed from the observers first where needed (``CalibrationError`` if one has no data).
     """
     fixed = []
-    for name, fq in _require_quantizers(model).items():
+    for name, fq in require_quantizers(model).items():
         if fq.kind != "weight":
             fq.fix_scale()
             fixed.append(name)
@@ -347,7 +348,7 @@ def fix_activation_scales(model: nn.Module) -> list[str]:
 
 def reset_observers(model: nn.Module) -> None:
     """Forget all statistics (not fixed scales), e.g. before calibrating again with new data."""
-    for fq in _require_quantizers(model).values():
+    for fq in require_quantizers(model).values():
         fq.observer.reset()
         if not fq.is_fixed:
             fq._scale_stale = True

@@ -15,8 +15,8 @@ from torch import nn
 
 from calibkit.errors import CheckpointError
 from calibkit.files import atomic_torch_save
-from calibkit.quant.calibrate import model_device
-from calibkit.quant.fake_quantize import _require_quantizers
+from calibkit.devices import model_device
+from calibkit.quant.fake_quantize import require_quantizers
 
 __all__ = ["save_prepared", "load_prepared", "PREPARED_FORMAT"]
 
@@ -26,7 +26,7 @@ PREPARED_FORMAT = "calibkit-prepared"
 def save_prepared(path: str | Path, model: nn.Module, meta: dict | None = None) -> Path:
     """Save a prepared model's ``state_dict`` (weights, scales, observer statistics, flags) and ``meta``
     to ``path`` atomically (temporary file + ``os.replace``). Returns the path."""
-    qs = _require_quantizers(model)
+    qs = require_quantizers(model)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {"format": PREPARED_FORMAT, "state_dict": state, "quantizers": list(qs), "meta": dict(meta or {})}
     return atomic_torch_save(payload, path)
@@ -44,7 +44,7 @@ def load_prepared(path: str | Path, model: nn.Module) -> dict:
         raise CheckpointError(f"checkpoint {str(path)!r} is unreadable: {type(e).__name__}: {e}") from e
     if not isinstance(payload, dict) or payload.get("format") != PREPARED_FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a prepared-model checkpoint (format {PREPARED_FORMAT!r})")
-    names = list(_require_quantizers(model))
+    names = list(require_quantizers(model))
     if payload["quantizers"] != names:
         missing = sorted(set(payload["quantizers"]) ^ set(names))[:5]
         raise CheckpointError(f"checkpoint {str(path)!r} was saved from a model with other quantizers "

@@ -42,19 +42,19 @@ from calibkit.devices import model_device
 from calibkit.loop import lr_multiplier, train_steps
 from calibkit.quant.calibrate import evaluate
 from calibkit.quant.io import save_prepared
-from calibkit.quant.fake_quantize import FakeQuantState, _require_quantizers, fix_activation_scales, set_fake_quantize
+from calibkit.quant.fake_quantize import FakeQuantState, require_quantizers, fix_activation_scales, set_fake_quantize
 
 __all__ = ["train_qat", "default_optimizer", "set_feature_map_scales", "activation_scales", "weight_scales", "Recommendation", "recommend_fixed_scales", "relative_gap", "measured_choice", "DEFAULT_GAP_THRESHOLD"]
 
 # -- scales ---------------------------------------------------------------------------------------------
 def activation_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     """Current scale of every activation quantizer (clones)."""
-    return {n: fq.scale.detach().clone() for n, fq in _require_quantizers(model).items() if fq.kind != "weight"}
+    return {n: fq.scale.detach().clone() for n, fq in require_quantizers(model).items() if fq.kind != "weight"}
 
 
 def weight_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     """Current scale of every weight quantizer (clones)."""
-    return {n: fq.scale.detach().clone() for n, fq in _require_quantizers(model).items() if fq.kind == "weight"}
+    return {n: fq.scale.detach().clone() for n, fq in require_quantizers(model).items() if fq.kind == "weight"}
 
 
 def _mean_rel_change(now: dict, start: dict) -> float:
@@ -96,7 +96,7 @@ def _check_qat_args(n, n_labels, val_images, val_labels, epochs, batch_size, lr,
 def set_feature_map_scales(model: nn.Module, fix_feature_map_scales: bool) -> dict[str, torch.Tensor]:
     """Put the calibrated model in VALIDATION (``CalibrationError`` if a scale is missing), fix or free the
     activation scales (weight scales always follow the weights) and return the starting activation scales."""
-    qs = _require_quantizers(model)
+    qs = require_quantizers(model)
     model.eval()
     set_fake_quantize(model, FakeQuantState.VALIDATION)
     for fq in qs.values():

@@ -25,7 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from calibkit.checks import check_int
-from calibkit.quant.calibrate import calibrate, evaluate, model_device
+from calibkit.devices import model_device
+from calibkit.quant.calibrate import calibrate, evaluate
 from calibkit.quant.fake_quantize import FakeQuantState, named_quantizers, set_fake_quantize
 from calibkit.quant.numerics import check_bits, scale_from_amax
 from calibkit.quant.observers import check_averaging_constant
