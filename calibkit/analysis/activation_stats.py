@@ -232,18 +232,6 @@ class ActivationStats:
             v = v + c * (clips[:, k] - v)
         return dict(zip(self.names, v.tolist()))
 
-    def max_amax(self, averaging_constant: float = 0.01) -> dict[str, float]:
-        """``{name: moving-averaged batch max |x|}`` (what ``min_max`` gives for these non-negative ranges)."""
-        c = check_averaging_constant(averaging_constant)
-        out = {}
-        for name in self.names:
-            a = self.amax[name]
-            v = a[0].clone()
-            for k in range(1, a.shape[0]):
-                v = v + c * (a[k] - v)
-            out[name] = float(v)
-        return out
-
     def tail_ratio(self, percentile: float = 99.9) -> dict[str, float]:
         """``{name: max|x| / percentile clip}`` over all collected values (fine histograms): how far the
         largest values lie beyond the bulk. Large ratios mark heavy-tailed activations."""
