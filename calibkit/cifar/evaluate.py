@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from calibkit.checks import check_int
 from calibkit.cifar.data import normalize
 from calibkit.devices import model_device
 
@@ -74,8 +75,7 @@ def predict(model, images: torch.Tensor, batch_size: int = 1000, tta: bool | int
     passes); 2 half of level 1 plus half of the mean over the image shifted by one pixel up-left and
     down-right (reflect padding), each also mirrored (6 forward passes)."""
     level = check_tta(tta)
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} is out of range: use a value >= 1")
+    check_int("batch_size", batch_size, 1)
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(f"images has shape {tuple(images.shape)}: expected a non-empty uint8 [N, 3, H, W] batch")
     was_training, dev, fmt = model.training, model_device(model), _memory_format(model)

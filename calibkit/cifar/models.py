@@ -20,6 +20,8 @@ import torch
 import torch.fx
 from torch import nn
 
+from calibkit.checks import check_int, check_number
+
 __all__ = ["ConvBN", "Residual", "Stage", "CifarResNet", "cifar_resnet", "build_model", "fusion_groups", "op_summary", "whiten_stem_",
            "ARCHITECTURES"]
 
@@ -98,11 +100,8 @@ class CifarResNet(nn.Module):
         blocks = tuple(int(b) for b in blocks)
         if len(blocks) != 3 or min(blocks) < 0:
             raise ValueError(f"blocks={blocks} is invalid: use three residual-block counts >= 0, e.g. (1, 1, 1)")
-        if int(num_classes) < 2:
-            raise ValueError(f"num_classes={num_classes} is out of range: use a value >= 2")
-        stem_width = 24 if stem_width is None else int(stem_width)
-        if stem_width < 1:
-            raise ValueError(f"stem_width={stem_width} is out of range: use a value >= 1 (or None)")
+        num_classes = check_int("num_classes", num_classes, 2)
+        stem_width = 24 if stem_width is None else check_int("stem_width", stem_width, 1, why=" (or None for 24)")
         self.config = {"width": list(width), "num_classes": int(num_classes), "stem_width": stem_width, "blocks": list(blocks)}
         self.stem = ConvBN(3, stem_width, kernel_size=2, padding=0)
         self.stage1 = Stage(stem_width, width[0], blocks[0])
@@ -154,8 +153,7 @@ def whiten_stem_(conv: nn.Conv2d, images: torch.Tensor, eps: float = 5e-4) -> nn
     """
     if images.ndim != 4 or images.shape[1] != conv.in_channels or not images.is_floating_point():
         raise ValueError(f"images must be float [N, {conv.in_channels}, H, W]; got {images.dtype} {tuple(images.shape)}")
-    if not eps > 0:
-        raise ValueError(f"eps={eps} is out of range: use a value > 0")
+    check_number("eps", eps, 0, low_open=True)
     kh, kw = conv.kernel_size
     patches = torch.nn.functional.unfold(images.double(), (kh, kw)).transpose(1, 2).reshape(-1, conv.in_channels * kh * kw)
     patches = patches - patches.mean(0)

@@ -80,10 +80,8 @@ def augment(images: torch.Tensor, generator: torch.Generator, flip: bool = True,
     if images.ndim != 4:
         raise ValueError(f"images has shape {tuple(images.shape)}: expected [N, C, H, W]")
     n, c, h, w = images.shape
-    if not 0 <= int(translate) < min(h, w):
-        raise ValueError(f"translate={translate} is out of range: use an integer in [0, {min(h, w) - 1}]")
-    if not 0 <= int(cutout) <= min(h, w):
-        raise ValueError(f"cutout={cutout} is out of range: use an integer in [0, {min(h, w)}]")
+    check_int("translate", translate, 0, min(h, w) - 1)
+    check_int("cutout", cutout, 0, min(h, w))
     rows = torch.arange(h).expand(n, h)
     cols = torch.arange(w).expand(n, w)
     if translate:

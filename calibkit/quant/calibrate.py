@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from calibkit.checks import check_int
 from calibkit.devices import model_device
 from calibkit.errors import CalibrationError, StateError
 from calibkit.quant.fake_quantize import FakeQuantState, FakeQuantize, named_quantizers, reset_observers, set_fake_quantize
@@ -82,8 +83,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != images.shape[0]:
         raise ValueError(f"labels must be a 1-d tensor with one label per image ({images.shape[0]}), "
                          f"got shape {tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is out of range: use an integer >= 1")
+    check_int("batch_size", batch_size, 1)
     if images.shape[0] == 0:
         raise ValueError("images is empty: nothing to evaluate")
     if model.training:

@@ -4,13 +4,14 @@
 import torch
 from matplotlib.figure import Figure
 
+from calibkit.checks import check_int
+
 __all__ = ["sample_grid", "training_curves", "per_class_bar", "confusion_matrix_plot"]
 
 
 def sample_grid(images: torch.Tensor, labels: torch.Tensor, classes, per_class: int = 8, seed: int = 0) -> Figure:
     """A grid of ``per_class`` (>= 1) random images for each class (one row per class) from uint8 ``images [N, 3, H, W]``."""
-    if per_class < 1:
-        raise ValueError(f"per_class={per_class} is out of range: use a value >= 1")
+    check_int("per_class", per_class, 1)
     g = torch.Generator().manual_seed(seed)
     fig = Figure(figsize=(per_class * 0.9 + 1.2, len(classes) * 0.9))
     axes = fig.subplots(len(classes), per_class, squeeze=False)
