@@ -6,7 +6,9 @@
 Targets: full >= 91 % test accuracy in <= 40 min of training on 2 CPU cores; smoke > 50 % in <= 2 min.
 Also measures, in the same run, the training-step time of float32 against bfloat16 autocast, and of stages
 that pool after BN against pool-first stages (the two peers the recipe's speed relies on), and prints their
-ratios. Writes the checkpoint to --out and a metrics JSON beside
+ratios (single-thread CPU time of a step, ``calibkit.cifar.budget.measure_speed``). Before training it prints the
+time budget's plan for this machine (``plan_training``: the estimate, and the epochs a budget would choose);
+``--time-budget-minutes`` trains those epochs instead of the profile's. Writes the checkpoint to --out and a metrics JSON beside
 it (same name, .json). Times on a shared machine are inflated by other processes: the load average at start
 and end is printed so the numbers can be read in context.
 """
@@ -19,38 +21,14 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
+from calibkit.cifar.budget import measure_speed, plan_training
 from calibkit.cifar.checkpoint import save_checkpoint
 from calibkit.cifar.data import load_cifar10, normalize
-from calibkit.cifar.models import cifar_resnet
 from calibkit.cifar.evaluate import accuracy, bf16_supported, confusion_matrix, per_class_accuracy, predict
 from calibkit.cifar.train import PROFILES, profile_dataset, train_profile
 
 TARGETS = {"full": (0.91, 40 * 60), "smoke": (0.50, 2 * 60)}
-
-
-def step_seconds(width, batch_size, amp, pool_first=False, steps=3):
-    """Median seconds of one SGD step (forward, backward, update) on random data, channels-last; ``pool_first``
-    sets ``Stage.pool_first`` (see ``calibkit.cifar.models.Stage``)."""
-    torch.manual_seed(0)
-    model = cifar_resnet(width).to(memory_format=torch.channels_last).train()
-    for stage in (model.stage1, model.stage2, model.stage3):
-        stage.pool_first = pool_first
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    x = normalize(torch.randint(0, 256, (batch_size, 3, 32, 32), dtype=torch.uint8)).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch_size,))
-    times = []
-    for _ in range(steps + 1):
-        t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t)
-    return sorted(times[1:])[len(times[1:]) // 2]
 
 
 def main(argv=None):
@@ -65,6 +43,8 @@ def main(argv=None):
                          "other busy processes 1 thread can be several times faster than 2")
     ap.add_argument("--no-peers", action="store_true", help="skip the step-time comparisons (float32 vs bfloat16, "
                     "pool after BN vs pool first)")
+    ap.add_argument("--time-budget-minutes", type=float, default=None,
+                    help="train the epochs plan_training chooses for this budget (default: the profile's epochs)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     out = pathlib.Path(args.out)
@@ -79,20 +59,28 @@ def main(argv=None):
     cfg = PROFILES[args.profile]
 
     if not args.no_peers:
-        fp32 = step_seconds(cfg["width"], cfg["batch_size"], amp=False)
+        def step(amp, pool_first):  # single-thread CPU seconds of one step at the profile's batch size
+            speed = measure_speed(cfg["width"], cfg["batch_size"], amp=amp, pool_first=pool_first)
+            return speed.single_thread_step_seconds
+        fp32 = step(False, False)
         amp = bf16_supported("cpu")
-        after_bn = step_seconds(cfg["width"], cfg["batch_size"], amp=True) if amp else fp32  # the precision train uses
+        after_bn = step(True, False) if amp else fp32  # the precision train uses
         if amp:
-            print(f"step time at batch {cfg['batch_size']}: float32 {fp32:.3f} s, bf16 autocast {after_bn:.3f} s, "
-                  f"speed-up {fp32 / after_bn:.2f}x", flush=True)
+            print(f"step time at batch {cfg['batch_size']} (1 thread, CPU time): float32 {fp32:.3f} s, bf16 autocast "
+                  f"{after_bn:.3f} s, speed-up {fp32 / after_bn:.2f}x", flush=True)
         else:
-            print(f"step time at batch {cfg['batch_size']}: float32 {fp32:.3f} s (no fast bf16 on this CPU)", flush=True)
-        first = step_seconds(cfg["width"], cfg["batch_size"], amp=amp, pool_first=True)
+            print(f"step time at batch {cfg['batch_size']} (1 thread, CPU time): float32 {fp32:.3f} s (no fast bf16 "
+                  "on this CPU)", flush=True)
+        first = step(amp, True)
         print(f"step time at batch {cfg['batch_size']} ({'bf16' if amp else 'float32'}): pool after BN {after_bn:.3f} s, "
               f"pool first {first:.3f} s, speed-up {after_bn / first:.2f}x", flush=True)
 
-    model, hist = train_profile(ds, args.profile, seed=args.seed, epochs=args.epochs, progress=not args.no_progress)
     sub = profile_dataset(ds, args.profile, args.seed)
+    plan = plan_training(args.profile, len(sub.train_labels), len(sub.test_labels), epochs=args.epochs,
+                         time_budget_minutes=args.time_budget_minutes)
+    print(plan.describe(), flush=True)
+    model, hist = train_profile(ds, args.profile, seed=args.seed, epochs=plan.epochs, progress=not args.no_progress,
+                                **plan.overrides)
     t = time.perf_counter()
     logits = predict(model, sub.test_images)
     preds = logits.argmax(1)
@@ -113,7 +101,8 @@ def main(argv=None):
                                                         "warmup_epochs", "translate", "head_lr_scale", "bias_lr_scale",
                                                         "freeze_bn_weight", "bn_momentum", "logit_scale", "lookahead",
                                                         "alternate_flip", "whiten", "pool_first", "amp")},
-               "arch": hist["arch"], "arch_kwargs": hist["arch_kwargs"], "load_average_end": os.getloadavg()[0]}
+               "arch": hist["arch"], "arch_kwargs": hist["arch_kwargs"], "load_average_end": os.getloadavg()[0],
+               "training_plan": plan.as_dict()}
     save_checkpoint(out, model, {k: v for k, v in metrics.items() if k != "checkpoint"} | {"classes": ds.classes})
     out.with_suffix(".json").write_text(json.dumps(metrics, indent=2))
 

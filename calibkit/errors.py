@@ -21,6 +21,10 @@ class CheckpointError(CalibKitError, ValueError):
     """A checkpoint file is missing, corrupt, or does not match what the caller expects."""
 
 
+class ModelSpecError(CalibKitError, ValueError):
+    """A model spec (``"package.module:callable"``) does not parse, import, or build a ``torch.nn.Module``."""
+
+
 class PrepareError(CalibKitError, RuntimeError):
     """`prepare` cannot insert quantizers into a model (for example, it is not traceable by torch.fx)."""
 

@@ -310,3 +310,36 @@ def test_uncalibrated_model_is_an_error(float_model, data):
     p = prepare(float_model, get_default_qconfig("min_max"), (calib[0][:2],))
     with pytest.raises(CalibrationError, match="no scale"):
         debug_report(p, calib, progress=False)
+
+
+class _InplaceNet(torch.nn.Module):
+    """torchvision's habits: ``ReLU(inplace=True)`` after a conv and ``out += identity``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        out = self.relu(self.conv1(x))
+        identity = out
+        out = self.conv2(out)
+        out += identity
+        return self.fc(out.mean((2, 3)))
+
+
+def test_report_is_not_fooled_by_in_place_ops():
+    """The float reference of a layer must be a copy: an in-place ReLU or ``+=`` after it would otherwise change
+    the reference, and an 8-bit weight would look tens of dB worse than it is."""
+    torch.manual_seed(0)
+    net = _InplaceNet().eval()
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    q = prepare(net, get_default_qconfig(activation_observer="min_max", weight_observer="min_max"),
+                example_inputs=(batches[0],))
+    calibrate(q, batches, progress=False)
+    set_fake_quantize(q, FakeQuantState.VALIDATION)
+    rep = debug_report(q, batches, progress=False)
+    for name in ("conv1.weight", "conv2.weight"):
+        assert rep[name].isolated_sqnr_db > 30, (name, rep[name].isolated_sqnr_db)

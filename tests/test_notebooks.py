@@ -43,6 +43,10 @@ def check_01(m, out):
     assert len(m["per_class_accuracy"]) == 10
     assert Path(m["checkpoint"]).exists()
     assert list(out.glob("*.png")), "notebook 01 saves its figures"
+    plan = m["training_plan"]  # the default time budget keeps the smoke profile's 2 epochs
+    assert plan["epochs"] == m["epochs"] == 2 and plan["decision"] in ("profile epochs fit", "reused")
+    if plan["decision"] != "reused":
+        assert 0 < plan["estimate_minutes"] <= plan["time_budget_minutes"]
 
 
 METHODS = ("min_max", "percentile", "mse", "kl", "mix")
@@ -115,6 +119,26 @@ def check_06(m, out):
     assert hand["fixed"]["max_activation_scale_change"] == 0.0 < hand["free"]["max_activation_scale_change"]
 
 
+def check_08(m, out):
+    assert len(m["models"]) == 3, "the 8-bit calibration and notebook 06's calibrated and QAT models"
+    for name, r in m["models"].items():
+        # ONNX Runtime reproduces calibkit's fake-quant model (issue 15: >= 99.5 % agreement, within 0.1 point)
+        assert r["top1_agreement"] >= 0.995, name
+        assert abs(r["accuracy_difference"]) <= 0.001, name
+        assert r["max_logit_difference_steps"] <= 2.0, name
+        # really int8: every conv, the linear head and the residual adds run as integer kernels
+        assert r["integer_kernels"].get("QLinearConv") == 7 and r["integer_kernels"].get("QGemm") == 1, name
+        assert r["integer_kernels"].get("QLinearAdd") == 3 and r["float_compute_ops"] == 0, name
+        assert r["file_kib"] < m["float"]["file_kib"], name
+        assert r["ms_onnx"] > 0 and r["ms_fake_quant"] > 0
+    assert m["float"]["top1_agreement"] >= 0.995
+    assert (out / "deployment.png").exists() and list(out.glob("*.onnx"))
+    # one real activation quantized by hand with the exported scale equals calibkit and ONNX Runtime
+    hand = m["by_hand"]
+    assert hand["input_scale"][0] == hand["input_scale"][1]
+    assert hand["ort_codes_equal"] and hand["dequantized_equal_calibkit"] and hand["weight_codes_equal"]
+
+
 SMOKE_BASELINE = load("smoke_baseline.json")
 
 
@@ -132,7 +156,26 @@ def check_baseline(stem: str, m: dict) -> None:
         assert abs(got - want) <= atol, f"{stem}: {key} = {got}, recorded {want} ({kind} machine, tolerance {atol})"
 
 
-CHECKS = {"01": check_01, "02": check_02, "03": check_03, "04": check_04, "05": check_05, "06": check_06}
+def check_07(m, out):
+    assert m["float"]["top1"] > 0.5, "the stand-in model must beat chance (1/3) by a clear margin"
+    assert m["eval_images"] == m["float"]["count"] > 0
+    assert list(m["methods"]) == list(METHODS)
+    for name, r in m["methods"].items():  # int8 on a healthy model: small drops (a few hundred images)
+        assert abs(r["drop_points"] - 100 * (m["float"]["top1"] - r["top1"])) < 1e-9
+        assert r["drop_points"] < 15 and r["calibration_seconds"] > 0 and len(r["worst_ops"]) == 5, name
+    assert min(r["drop_points"] for r in m["methods"].values()) < 5, "the best method loses little at int8"
+    hand = m["by_hand"]  # the preprocessing by hand matches transforms.v2 within one grey level
+    assert hand["max_abs_diff"] <= hand["tolerance"]
+    ov = m["override"]  # the worst layer kept in float: its weight error is gone, the logits get no worse
+    assert ov["layer"] in ov["op"] and ov["logits_sqnr_after"] >= ov["logits_sqnr_before"] - 0.5
+    assert m["saved"]["identical"] and Path(m["saved"]["path"]).exists()
+    cmd = m["command"]  # the shell command measures exactly what the notebook measured
+    assert cmd["returncode"] == 0 and cmd["same_numbers"]
+    assert {"report.json", "report.md", "accuracy.png", "worst_ops.png"} <= set(cmd["files"])
+
+
+CHECKS = {"01": check_01, "02": check_02, "03": check_03, "04": check_04, "05": check_05, "06": check_06,
+          "07": check_07, "08": check_08}
 
 
 @pytest.mark.parametrize("nb_path", list_notebooks(), ids=lambda p: p.stem)

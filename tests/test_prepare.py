@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from calibkit.quant.calibrate import calibrate, evaluate
+from calibkit.quant.calibrate import CalibrationStateWarning, calibrate, evaluate
 from calibkit.errors import CalibrationError, PrepareError, StateError
 from calibkit.quant.fake_quantize import FakeQuantState, named_quantizers, set_fake_quantize
 from calibkit.quant.observers import get_observer_class, observer_names
@@ -281,7 +281,8 @@ def test_evaluate_float_and_prepared_without_touching_observers():
     calibrate(p, batches(1), progress=False)
     qs = named_quantizers(p)
     amax = {k: fq.observer.amax.clone() for k, fq in qs.items()}
-    assert evaluate(p, x, labels, batch_size=16, progress=False) == 0.75  # CALIBRATION = float compute
+    with pytest.warns(CalibrationStateWarning, match="still in FakeQuantState.CALIBRATION"):
+        assert evaluate(p, x, labels, batch_size=16, progress=False) == 0.75  # CALIBRATION = float compute
     assert all(torch.equal(fq.observer.amax, amax[k]) and int(fq.observer.steps) == 1 for k, fq in qs.items())
     assert all(fq.observing for fq in qs.values())  # restored
     with pytest.raises(TypeError, match="normalize"):

@@ -11,7 +11,7 @@ import yaml
 from calibkit.tutorial.runner import list_notebooks
 
 ROOT = Path(__file__).resolve().parent.parent
-PINS = {"torch": "2.14.1", "torchvision": "0.29.1"}
+PINS = {"torch": "2.14.1", "torchvision": "0.29.1", "onnx": "1.23.2", "onnxruntime": "1.32.0"}
 
 
 def _pins(requirements):

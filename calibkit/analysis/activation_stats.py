@@ -40,8 +40,9 @@ from tqdm.auto import tqdm
 from calibkit.analysis.selection import require_eval, saved_flags
 from calibkit.checks import check_int, check_number
 from calibkit.devices import model_device
-from calibkit.errors import CalibrationError, PrepareError
+from calibkit.errors import CalibrationError, CheckpointError, PrepareError
 from calibkit.files import atomic_torch_save
+from calibkit.quant.batches import batch_input
 from calibkit.quant.fake_quantize import FakeQuantize, named_quantizers
 from calibkit.quant.histogram import MAX_BINS, abs_histogram, percentile_from_histogram
 from calibkit.quant.observers import check_averaging_constant, check_percentile
@@ -101,9 +102,7 @@ def _run_float(model: nn.Module, batches: Iterable, calibrate_weights: bool, pro
     total = len(batches) if hasattr(batches, "__len__") else None
     seen = 0
     for batch in tqdm(batches, total=total, desc="collect stats", disable=not progress, leave=False):
-        if isinstance(batch, (tuple, list)):
-            batch = batch[0]
-        model(batch.to(device))
+        model(batch_input(batch, seen).to(device))
         seen += 1
     if seen == 0:
         raise CalibrationError("batches is empty: collecting statistics needs at least one batch")
@@ -313,8 +312,15 @@ class ActivationStats:
 
     @classmethod
     def load(cls, path: str | Path) -> "ActivationStats":
-        """Read statistics written by :meth:`save`."""
-        blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+        """Read statistics written by :meth:`save` (``weights_only=True``); a missing, damaged or foreign file raises
+        ``CheckpointError`` (a ``ValueError``)."""
+        try:
+            blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # missing, truncated, garbage, or holding code (refused by weights_only)
+            raise CheckpointError(f"{path}: not a readable ActivationStats file: {type(e).__name__}: {e}") from e
         if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
-            raise ValueError(f"{path}: not an ActivationStats file (format {_FORMAT})")
-        return cls(blob["names"], blob["fine_bins"], blob["amax"], blob["cum_counts"], blob["numel"])
+            raise CheckpointError(f"{path}: not an ActivationStats file (format {_FORMAT})")
+        try:
+            return cls(blob["names"], blob["fine_bins"], blob["amax"], blob["cum_counts"], blob["numel"])
+        except (AttributeError, KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: ActivationStats file is damaged: {type(e).__name__}: {e}") from e

@@ -18,14 +18,17 @@ from tqdm.auto import tqdm
 
 from calibkit.analysis.selection import check_quantizer_names, input_batches, require_eval, require_scales
 from calibkit.devices import model_device
+from calibkit.errors import CalibKitError, CalibrationError
 from calibkit.quant.fake_quantize import FakeQuantize, FakeQuantState, named_quantizers, set_fake_quantize
 from calibkit.quant.qconfig import QConfig, QuantSpec
+from calibkit.quant.snapshot import all_or_nothing
 
 __all__ = ["override_quantizers", "recalibrate", "apply_overrides", "observer_label"]
 
 
 def observer_label(fq: FakeQuantize) -> str:
-    """Short readable description of a quantizer's observer, e.g. ``"mse(bits=4, c=0.01)"``."""
+    """Short readable description of a quantizer's observer, e.g. ``"mse(bits=4, c=0.01)"``; a kl observer whose
+    searches fell back to the max says how often (``fallbacks=2``)."""
     ob = fq.observer
     parts = [f"bits={ob.bits}", f"c={ob.averaging_constant:g}"]
     for k in ("percentile", "bins", "stride", "update_interval"):
@@ -33,6 +36,8 @@ def observer_label(fq: FakeQuantize) -> str:
             parts.append(f"{k}={getattr(ob, k):g}")
     if ob.ch_axis is not None:
         parts.append(f"ch_axis={ob.ch_axis}")
+    if getattr(ob, "fallbacks", 0):  # kl searches that kept the max (docs/methods.md#kl)
+        parts.append(f"fallbacks={ob.fallbacks}")
     return f"{ob.name or type(ob).__name__}({', '.join(parts)})"
 
 
@@ -124,14 +129,25 @@ def recalibrate(model: nn.Module, batches, names: Iterable[str], progress: bool 
     batches = input_batches(batches)
     qs = named_quantizers(model)
     require_scales({n: fq for n, fq in qs.items() if n not in names})  # their scales are final before anything runs
+    with all_or_nothing(model):
+        return _recalibrate(model, qs, batches, names, progress)
+
+
+def _recalibrate(model: nn.Module, qs, batches: list, names: set, progress: bool) -> float:
     set_fake_quantize(model, FakeQuantState.CALIBRATION)
     for n, fq in qs.items():
         fq.enable_observer(n in names)
     device = model_device(model)
     t0 = time.perf_counter()
     with torch.no_grad():
-        for x in tqdm(batches, desc="recalibrate", disable=not progress, leave=False):
-            model(x.to(device))
+        for i, x in enumerate(tqdm(batches, desc="recalibrate", disable=not progress, leave=False)):
+            try:
+                model(x.to(device))
+            except CalibKitError:
+                raise
+            except Exception as e:
+                raise CalibrationError(f"batches[{i}] of shape {tuple(x.shape)} failed in the model: "
+                                       f"{type(e).__name__}: {e}") from e
         for n in names:
             qs[n].compute_scale()
     seconds = time.perf_counter() - t0
@@ -140,7 +156,13 @@ def recalibrate(model: nn.Module, batches, names: Iterable[str], progress: bool 
 
 
 def apply_overrides(model: nn.Module, overrides: Mapping[str, Any], batches, progress: bool = True) -> list[str]:
-    """:func:`override_quantizers` then :func:`recalibrate` of exactly those; returns the names."""
-    names = override_quantizers(model, overrides)
-    recalibrate(model, batches, names, progress)
+    """:func:`override_quantizers` then :func:`recalibrate` of exactly those; returns the names.
+
+    All or nothing: the model mode and ``batches`` are checked first, and if anything fails part way (a batch the
+    model rejects, a new observer that cannot produce a scale) the old quantizers are put back, unchanged."""
+    require_eval(model, "apply_overrides")
+    batches = input_batches(batches)
+    with all_or_nothing(model):
+        names = override_quantizers(model, overrides)
+        recalibrate(model, batches, names, progress)
     return names

@@ -214,9 +214,10 @@ class _Capture:
     def _hook(self, name: str, weight: bool):
         def hook(mod, inputs, output):
             if self.phase == "float":
-                self.ref[name] = (output if weight else inputs[0]).detach()
+                # copies: an in-place op later in the model (ReLU(inplace=True), ``out += x``) would change a view
+                self.ref[name] = (output if weight else inputs[0]).detach().clone()
                 if weight:
-                    self.ref_in[name] = inputs[0].detach()
+                    self.ref_in[name] = inputs[0].detach().clone()
             elif self.phase == "quant":
                 self._stats[name].accumulated.add(self.ref[name], output)
         return hook
@@ -304,7 +305,7 @@ def _float_values(model: nn.Module, fq: FakeQuantize, batches) -> torch.Tensor:
     if fq.kind == "weight":
         return _weighted_modules(model)[id(fq)].weight.detach().flatten().cpu().double()
     values = []
-    h = fq.register_forward_hook(lambda m, i, o: values.append(i[0].detach().flatten().cpu()))
+    h = fq.register_forward_hook(lambda m, i, o: values.append(i[0].detach().flatten().cpu().clone()))
     try:
         with quantizers_enabled_only(model, []), torch.no_grad():
             for x in input_batches(batches):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from calibkit.errors import StateError
+from calibkit.quant.batches import batch_input
 from calibkit.quant.fake_quantize import FakeQuantize, require_quantizers, named_quantizers, ready_scales
 
 __all__ = ["quantizers_enabled_only", "quantizers_disabled", "check_quantizer_names"]
@@ -50,15 +51,13 @@ def require_scales(qs: Mapping[str, FakeQuantize]) -> None:
 
 
 def input_batches(batches) -> list[torch.Tensor]:
-    """``batches`` (a tensor, or an iterable of tensors or ``(inputs, labels)`` pairs) as a list of inputs."""
+    """``batches`` (a tensor, or any iterable or ``DataLoader`` of tensors or ``(inputs, labels)`` pairs) as a list
+    of inputs (these tools pass over a few batches several times); ``TypeError`` names a batch that is neither."""
     if isinstance(batches, torch.Tensor):
         batches = [batches]
-    out = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
+    out = [batch_input(b, i) for i, b in enumerate(batches)]
     if not out:
         raise ValueError("batches is empty: give at least one batch of inputs")
-    for b in out:
-        if not isinstance(b, torch.Tensor) or not b.is_floating_point():
-            raise TypeError("batches must hold normalized float input tensors (or (inputs, labels) pairs)")
     return out
 
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from calibkit.analysis.report import DebugReport
 from calibkit.analysis.selection import check_quantizer_names, quantizers_disabled, quantizers_enabled_only
 from calibkit.checks import check_int
+from calibkit.quant.batches import require_reiterable
 from calibkit.quant.calibrate import evaluate
 
 __all__ = ["SensitivityResult", "sensitivity", "SENSITIVITY_MODES"]
@@ -55,7 +56,12 @@ def _candidate_names(candidates: DebugReport | Sequence[str], top_k: int | None)
     return list(candidates)[:top_k]
 
 
-def sensitivity(model: nn.Module, candidates: DebugReport | Sequence[str], images: torch.Tensor, labels: torch.Tensor,
+def _top1(model: nn.Module, images, labels, batch_size: int) -> float:
+    """Top-1 accuracy on tensors or a loader (``float`` of an :class:`~calibkit.quant.calibrate.Accuracy`)."""
+    return float(evaluate(model, images, labels, batch_size, progress=False))
+
+
+def sensitivity(model: nn.Module, candidates: DebugReport | Sequence[str], images, labels: torch.Tensor | None = None,
                 top_k: int | None = 5, mode: str = "only_enabled", batch_size: int = 500,
                 progress: bool = True) -> SensitivityResult:
     """Accuracy effect of single quantizers (see :class:`SensitivityResult`).
@@ -64,7 +70,8 @@ def sensitivity(model: nn.Module, candidates: DebugReport | Sequence[str], image
         model: prepared, calibrated model in eval mode.
         candidates: a :class:`~calibkit.analysis.report.DebugReport` (its ``top_k`` worst rows) or a list of
             quantizer names (the first ``top_k``; ``None`` = all).
-        images, labels: validation data for :func:`calibkit.quant.calibrate.evaluate`.
+        images, labels: validation data for :func:`calibkit.quant.calibrate.evaluate`: tensors, or a ``DataLoader``
+            (any re-iterable) of ``(inputs, labels)`` pairs with ``labels=None``; accuracies are top-1.
         mode: ``"only_enabled"`` or ``"only_disabled"``.
         progress: a progress bar over the candidates.
     The model's flags are restored afterwards.
@@ -77,15 +84,17 @@ def sensitivity(model: nn.Module, candidates: DebugReport | Sequence[str], image
     if not names:
         raise ValueError("candidates is empty: give at least one quantizer name")
     check_quantizer_names(model, names, "candidates")
+    if labels is None:
+        require_reiterable(images, "images")
     with quantizers_enabled_only(model, []):
-        float_acc = evaluate(model, images, labels, batch_size, progress=False)
+        float_acc = _top1(model, images, labels, batch_size)
     with quantizers_disabled(model, []):
-        quant_acc = evaluate(model, images, labels, batch_size, progress=False)
+        quant_acc = _top1(model, images, labels, batch_size)
     only = quantizers_enabled_only if mode == "only_enabled" else quantizers_disabled
     rows = []
     for name in tqdm(names, desc=f"sensitivity ({mode})", disable=not progress):
         with only(model, [name]):
-            a = evaluate(model, images, labels, batch_size, progress=False)
+            a = _top1(model, images, labels, batch_size)
         rows.append({"name": name, "accuracy": a, "delta": (float_acc - a) if mode == "only_enabled" else (a - quant_acc)})
     rows.sort(key=lambda r: -r["delta"])
     return SensitivityResult(mode, float_acc, quant_acc, rows)

@@ -96,8 +96,13 @@ def accuracy(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int 
     (normalization done here; see ``predict`` for ``tta``)."""
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(f"images ({len(images)}) and labels ({len(labels)}) must be non-empty and of equal length")
-    preds = predict(model, images, batch_size, tta, progress).argmax(1)
-    return (preds.cpu() == labels.cpu()).float().mean().item()
+    if labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
+    logits = predict(model, images, batch_size, tta, progress)
+    if int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]:
+        raise ValueError(f"labels hold values in [{int(labels.min())}, {int(labels.max())}] but the model has "
+                         f"{logits.shape[1]} outputs: labels must be class indices in [0, {logits.shape[1]})")
+    return (logits.argmax(1).cpu() == labels.cpu()).float().mean().item()
 
 
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int = 10) -> torch.Tensor:

@@ -25,7 +25,9 @@ CACHE_DIR_ENV = "CALIBKIT_CACHE_DIR"
 DEFAULT_DATA_DIR = "~/.cache/calibkit/data"
 DEFAULT_CACHE_DIR = "~/.cache/calibkit/tensors"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff", ".webp", ".gif")
-CACHE_FORMAT = 1
+#: Part of every cache key: raised whenever decoding changes, so no cache decoded the old way is reused
+#: (2: 16-bit images are scaled to 8 bits instead of clipped at 255).
+CACHE_FORMAT = 2
 _SAMPLE_FILES = 256
 _SAMPLE_BYTES = 64 * 1024
 _POOL_MIN_FILES = 2048  # below this, decoding in-process is faster than starting workers
@@ -110,12 +112,30 @@ def _subdirs(path: Path) -> list[Path]:
     return sorted((e for e in path.iterdir() if e.is_dir() and not e.name.startswith(".")), key=lambda e: e.name)
 
 
+def _image_files(cdir: Path) -> list[str]:
+    """Paths of the image files in ``cdir`` (not hidden, extension in ``IMAGE_EXTENSIONS``). A name that cannot be
+    resolved (a symlink loop or a dangling link) raises ``DataNotFoundError`` naming it, instead of a raw OSError."""
+    out = []
+    with os.scandir(cdir) as it:
+        for e in it:
+            if e.name.startswith(".") or not e.name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            try:
+                if e.is_symlink():
+                    os.stat(e.path)  # ELOOP / ENOENT for a loop or a dangling link
+                if e.is_file():
+                    out.append(e.path)
+            except OSError as err:
+                raise DataNotFoundError(f"image file {e.path} cannot be read ({err.strerror or err}): a symlink loop or "
+                                        "a dangling link; remove it or point it at an image") from None
+    return out
+
+
 def _list_split(root: Path, split: str) -> tuple[list[str], list[str], list[int]]:
     """(class names, image paths, labels) of ``root/split``; images sorted by name within a class."""
     classes, files, labels = [], [], []
     for label, cdir in enumerate(_subdirs(root / split)):
-        imgs = sorted(e.path for e in os.scandir(cdir)
-                      if e.is_file() and not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        imgs = sorted(_image_files(cdir))
         if not imgs:
             raise DataNotFoundError(f"class folder {cdir} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
         classes.append(cdir.name)
@@ -146,7 +166,9 @@ def _decode_chunk(args) -> np.ndarray:
         try:
             with Image.open(f) as im:
                 im.load()
-                im = im if im.mode == "RGB" else im.convert("RGB")
+                im = _to_rgb8(im, f)
+        except ValueError:
+            raise
         except Exception as e:
             raise ValueError(f"cannot decode image file {f}: {type(e).__name__}: {e}") from None
         if im.size != (w, h):
@@ -157,6 +179,23 @@ def _decode_chunk(args) -> np.ndarray:
             im = im.resize((w, h), Image.Resampling.BILINEAR)
         out[i] = np.asarray(im).transpose(2, 0, 1)
     return out
+
+
+def _to_rgb8(im, f):
+    """``im`` as 8-bit RGB. 16-bit grey images (PIL modes ``I;16*``, and ``I`` holding values up to 65535) are scaled
+    to 8 bits, ``round(v * 255 / 65535)``, never clipped; 32-bit integer or float images raise ``ValueError``."""
+    from PIL import Image
+
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I") or im.mode == "F":
+        arr = np.asarray(im)
+        if im.mode == "F" or (im.mode == "I" and arr.size and (int(arr.min()) < 0 or int(arr.max()) > 65535)):
+            raise ValueError(f"image file {f} has PIL mode {im.mode!r} with values outside 0..65535: only 8- and "
+                             "16-bit images are read (convert it to 8-bit RGB)")
+        grey = np.round(arr.astype(np.float64) * (255.0 / 65535.0)).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return im.convert("RGB")
 
 
 def _default_workers() -> int:

@@ -32,8 +32,8 @@ __all__ = ["PROFILES", "augment", "train", "train_profile", "profile_dataset", "
 # (smoke: 128), lr 1.5 per 1024 images for the mean loss with a per-step weight decay of lr * 1.3e-3, Nesterov
 # momentum 0.85, BN weights frozen and BN biases at 64x lr, logits scaled by 1/9 in the loss, lookahead, alternating
 # flips, a frozen whitened stem, stages that pool before BN while training. "full": the wider 64/256/256 net for
-# 22 epochs, sized to the 40-minute budget on 2 CPU cores; "smoke": a narrow net on a 20k/2k subset for 2 epochs,
-# well above 50 %.
+# 22 epochs, sized to about 40 minutes on 2 CPU cores with fast bf16 (on slower machines notebook 01 trains fewer
+# epochs: calibkit.cifar.budget); "smoke": a narrow net on a 20k/2k subset for 2 epochs, well above 50 %.
 # Measured accuracy and time: benchmarks/train_float.py.
 _RECIPE = dict(momentum=0.85, weight_decay=1.3e-3, label_smoothing=0.2, translate=2, head_lr_scale=1.0,
                bias_lr_scale=64.0, freeze_bn_weight=True, bn_momentum=0.4, logit_scale=1 / 9, lookahead=True,

@@ -20,3 +20,4 @@ from calibkit.quant.prepare import prepare
 from calibkit.quant.convert import convert, named_int_ops
 from calibkit.quant.calibrate import calibrate, evaluate
 from calibkit.quant.io import load_prepared, save_prepared
+from calibkit.quant.onnx_export import export_float_onnx, export_onnx

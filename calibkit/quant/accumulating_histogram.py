@@ -30,6 +30,22 @@ def _pair_sums(counts: torch.Tensor) -> torch.Tensor:
     return counts.view(-1, 2).sum(1)
 
 
+def _start_width(amax: float, bins: int) -> float:
+    """The first bin width: the power of two just below ``amax / bins``, at least ``2**-126``."""
+    _, e = math.frexp(amax / bins)  # amax / bins = m * 2**e, 0.5 <= m < 1
+    return math.ldexp(1.0, max(e - 1, -126))
+
+
+def _covering(width: float, length: int, amax: float, max_length: int) -> tuple[float, int]:
+    """Width and length of a histogram of ``width``, ``length`` grown to cover ``amax``: pairs merged (width
+    doubles, length halves rounding up) while the needed length exceeds ``max_length``, then empty bins appended."""
+    needed = math.floor(amax / width) + 1
+    while needed > max_length:
+        length, width = (length + 1) // 2, width * 2
+        needed = math.floor(amax / width) + 1
+    return width, max(length, needed)
+
+
 class AccumulatingHistogram:
     """Histogram of ``|x|`` accumulated over batches, with exact range growth.
 
@@ -134,18 +150,51 @@ class AccumulatingHistogram:
     def _start(self, amax: float, device: torch.device) -> None:
         """The first non-zero batch sets the width: the power of two just below ``amax / bins`` (and at least
         ``2**-126``, so that ``1 / width`` fits float32); the zeros seen so far go to bin 0."""
-        _, e = math.frexp(amax / self.bins)  # amax / bins = m * 2**e, 0.5 <= m < 1
-        self.width = math.ldexp(1.0, max(e - 1, -126))
+        self.width = _start_width(amax, self.bins)
         self.counts = torch.zeros(1, dtype=torch.int64, device=device)
         self.counts[0] = self._zeros_before_start
 
     def _cover(self, amax: float) -> None:
         """Extend the histogram (empty bins at the same width) so that ``amax`` falls in it, first merging pairs
         (width doubles) while the needed length would exceed ``max_length``. Both steps are exact."""
-        needed = math.floor(amax / self.width) + 1
-        while needed > self.max_length:
+        width, needed = _covering(self.width, len(self), amax, self.max_length)
+        while self.width < width:
             self.counts = _pair_sums(self.counts)
             self.width *= 2
-            needed = math.floor(amax / self.width) + 1
         if needed > len(self):
             self.counts = torch.cat([self.counts, self.counts.new_zeros(needed - len(self))])
+
+    # -- replaying the batches of several ranks (docs/methods.md#many-processes) ------------------------------
+    def plan(self, amaxes: list[float]) -> list[tuple[float, int] | None]:
+        """The (width, length) this histogram would have after each of the batches whose largest ``|x|`` are
+        ``amaxes`` were added in order (``None`` while not started: only zeros so far); the histogram is unchanged."""
+        started, width, length, out = self.counts is not None, self.width, len(self), []
+        for amax in amaxes:
+            if not started and amax == 0.0:
+                out.append(None)
+                continue
+            if not started:
+                started, width, length = True, _start_width(amax, self.bins), 1
+            width, length = _covering(width, length, amax, self.max_length)
+            out.append((width, length))
+        return out
+
+    @staticmethod
+    def counts_at(x: torch.Tensor, width: float, length: int, nonnegative: bool = False) -> torch.Tensor:
+        """int64 ``[length]`` counts of ``|x|`` (binned in float32) on bins of ``width`` (a power of two) from 0."""
+        x2d = x.detach().reshape(1, -1).to(torch.float32)
+        inv = torch.tensor([1.0 / width], dtype=torch.float32, device=x2d.device)  # exact power of two
+        return binned_counts(x2d, inv, 0.0, length, absolute=True, nonnegative=nonnegative)[0]
+
+    def add_counts(self, counts: torch.Tensor, amax: float, n: int) -> None:
+        """Adds one batch of ``n`` values whose largest ``|x|`` is ``amax`` from its ``counts`` at the width and
+        length :meth:`plan` gave for it (longer ``counts`` are cut): the same state as :meth:`add` of the batch."""
+        self.total += n
+        self.max_value = max(self.max_value, amax)
+        if self.counts is None:
+            if amax == 0.0:
+                self._zeros_before_start += n
+                return
+            self._start(amax, counts.device)
+        self._cover(amax)
+        self.counts += counts[:len(self)].to(self.counts.device)

@@ -20,8 +20,13 @@ Representation:
   the multipliers ``s_a/s_out``, ``s_b/s_out`` (mul: ``s_a s_b/s_out``; cat: ``s_i/s_out``), evaluated
   in float32 like the fake-quant model.
 * **shape-only ops** (max pooling, flatten, view, dropout, ...) act on the codes directly.
-* every **other op** (average pooling, mean, sigmoid, hardswish, an unfolded BatchNorm, leaf
-  modules, ...) runs in float between an explicit ``Dequantize`` and ``Quantize`` (float fallback).
+* every **other op** (average pooling, mean, sigmoid, hardswish, GELU, LayerNorm, softmax, attention, an unfolded
+  BatchNorm, leaf modules and modules kept by ``KEEP_FLOAT``, ...) runs in float between an explicit
+  ``Dequantize`` and ``Quantize`` (float fallback). The converted model lists them in ``float_ops``
+  (``{quantizer name: op}``, e.g. ``{"encoder.ln.out": "LayerNorm"}``), and ``convert`` warns
+  (``FloatOpsWarning``) with the list, leaving out average pooling and means (which every integer runtime
+  computes on codes with a rescale). The fake-quant model is unchanged by this: it computes those ops in float
+  too, on dequantized inputs, and quantizes their outputs.
 
 Every integer op lives at ``qops.<quantizer name>`` with ``quantizer_name``, ``out_scale`` and
 ``bits``; its output is that quantizer's code tensor (``named_int_ops`` lists them in order).
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from collections import OrderedDict
 from typing import Any
 
@@ -50,7 +56,8 @@ from calibkit.quant.int_ops import (Dequantize, IntAdd, IntCat, IntConv, IntLine
 from calibkit.quant.numerics import quantize_dequantize
 from calibkit.quant.qmodules import WEIGHTED, QConv1d, QConv2d, QConv3d, QLinear
 
-__all__ = ["convert", "named_int_ops", "fixed_point_multiplier", "requantize_fixed_point", "Quantize", "Dequantize",
+__all__ = ["convert", "named_int_ops", "FloatOpsWarning",
+           "fixed_point_multiplier", "requantize_fixed_point", "Quantize", "Dequantize",
            "IntConv", "IntLinear", "IntAdd", "IntMul", "IntCat"]
 
 
@@ -58,6 +65,26 @@ __all__ = ["convert", "named_int_ops", "fixed_point_multiplier", "requantize_fix
 _MUL_FUNCS = {operator.mul, operator.imul, torch.mul}
 _CAT_FUNCS = {torch.cat, torch.concat, torch.concatenate}
 _INT_ROOTS = ("qops", "dequant")
+
+
+#: Float-fallback ops ``convert`` lists in ``float_ops`` without warning about them.
+_QUIET_FLOAT_OPS = {"AvgPool1d", "AvgPool2d", "AvgPool3d", "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d",
+                    "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+                    "adaptive_avg_pool3d", "mean"}
+
+
+class FloatOpsWarning(UserWarning):
+    """``convert`` kept ops in float (no integer kernel for them): see ``converted.float_ops``."""
+
+
+def _op_label(node: fx.Node, modules) -> str:
+    """What a node computes, for messages: the module type, function or method name."""
+    if node.op == "call_module":
+        return type(modules[node.target]).__name__
+    src = node.args[0] if node.args else None
+    if node.target is operator.getitem and isinstance(src, fx.Node) and src.op == "call_module":
+        return f"{type(modules[src.target]).__name__}[{node.args[1]}]"  # e.g. MultiheadAttention[0]
+    return getattr(node.target, "__name__", str(node.target))
 
 
 _FLOAT_CLASS = {QConv1d: nn.Conv1d, QConv2d: nn.Conv2d, QConv3d: nn.Conv3d, QLinear: nn.Linear}
@@ -92,6 +119,7 @@ class _Converter:
         self.env: dict[fx.Node, fx.Node] = {}
         self.qinfo: dict[fx.Node, tuple[str, torch.Tensor]] = {}  # old node -> (quantizer name, scale) of its codes
         self.deq_cache: dict[fx.Node, fx.Node] = {}
+        self.float_ops: dict[str, str] = {}  # quantizer name -> op kept in float
         self.chains = self._chains()
         self.absorbed = {c for chain in self.chains.values() for c in chain if c.op != "placeholder"}
 
@@ -177,6 +205,14 @@ class _Converter:
         self.graph.lint()
         gm = fx.GraphModule(self.root, self.graph, f"{type(self.model).__name__}Int")
         gm.meta["calibkit_converted"] = True
+        gm.float_ops = dict(self.float_ops)
+        loud = {n: op for n, op in self.float_ops.items() if op not in _QUIET_FLOAT_OPS}
+        if loud:
+            shown = ", ".join(f"{n} ({op})" for n, op in list(loud.items())[:8]) + (", ..." if len(loud) > 8 else "")
+            kinds = sorted(set(loud.values()))
+            warnings.warn(f"convert kept {len(loud)} op(s) in float, with no integer kernel ({', '.join(kinds[:10])}): "
+                          f"{shown}. Their inputs are dequantized and their outputs quantized again; the list is in "
+                          "converted.float_ops", FloatOpsWarning, stacklevel=3)
         return gm.eval()
 
     def emit(self, fq_node: fx.Node, fq: FakeQuantize) -> fx.Node:
@@ -190,6 +226,8 @@ class _Converter:
         op, inputs = self._int_op(name, chain, s_out, fq.bits)
         if op is None:
             op, inputs = Quantize(name, s_out, fq.bits), (self._float_chain(chain),)
+            if chain[0].op != "placeholder":
+                self.float_ops[name] = "+".join(_op_label(c, self.modules) for c in chain)
         return self.graph.call_module(self.add_module(f"qops.{name}", op), inputs)
 
     def _coded(self, args) -> bool:
@@ -235,7 +273,8 @@ def convert(model: fx.GraphModule, fixed_point: bool = False) -> fx.GraphModule:
     Uses the scales VALIDATION uses (fixed ones, else from the observers; ``CalibrationError`` names
     any quantizer without data). ``fixed_point=True``: conv / linear requantize with integer
     ``(M0, shift)`` arithmetic. Returns an ``fx.GraphModule`` in eval mode taking the same float
-    inputs and returning float32 outputs (dequantized codes). See the module docstring.
+    inputs and returning float32 outputs (dequantized codes); its ``float_ops`` attribute lists the ops kept in
+    float (``FloatOpsWarning`` names them, pooling and means aside). See the module docstring.
     """
     if not isinstance(model, fx.GraphModule) or not any(isinstance(m, FakeQuantize) for m in model.modules()):
         raise TypeError("convert expects a model returned by calibkit.quant.prepare (an fx.GraphModule with FakeQuantize modules)")

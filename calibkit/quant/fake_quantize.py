@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from calibkit.errors import CalibrationError, PrepareError, StateError
+from calibkit.quant.quantizer_config import CONFIG_KEY, CONFIG_PARAMS, check_config, decode_config, encode_config
 from calibkit.quant.observers import ObserverBase, get_observer_class
 from calibkit.quant.numerics import fake_quantize
 
@@ -214,11 +215,28 @@ class FakeQuantize(nn.Module):
         return fake_quantize(x, self.scale, self.bits, self.ch_axis)
 
     # -- state_dict -----------------------------------------------------------------------------
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def config(self) -> dict:
+        """This quantizer's configuration: ``{"observer": name, "bits", "ch_axis", "params": {...}}`` (the observer
+        settings among averaging_constant / percentile / bins / stride / update_interval it has). Saved beside the
+        scale (``state_dict`` key ``<prefix>config``) and compared when a state is loaded."""
+        ob = self.observer
+        params = {k: getattr(ob, k) for k in CONFIG_PARAMS if isinstance(getattr(ob, k, None), (bool, int, float, str))}
+        return {"observer": ob.name or type(ob).__name__, "bits": int(self.bits), "ch_axis": self.ch_axis,
+                "params": params}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + CONFIG_KEY] = encode_config(self.config())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, *args):
+        if prefix + CONFIG_KEY in state_dict:  # files without it (older calibkit) are loaded unchecked
+            check_config(self.config(), decode_config(state_dict[prefix + CONFIG_KEY]), self.label)
         key = prefix + "scale"
         if key in state_dict and state_dict[key].shape != self.scale.shape:
             self.scale = torch.empty_like(state_dict[key], device=self.scale.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, *args)
+        if prefix + CONFIG_KEY in unexpected_keys:
+            unexpected_keys.remove(prefix + CONFIG_KEY)
         self._observe = bool(self.observer_enabled.item())
         self._fake_quant = bool(self.fake_quant_enabled.item())
         self._fixed = bool(self.fixed.item())
@@ -318,7 +336,10 @@ def set_fake_quantize(model: nn.Module, state: FakeQuantState | str) -> nn.Modul
         raise StateError(f"FakeQuantState.{state.name} needs the model in {need} mode but it is in {have} mode: "
                          f"call {call} first")
     if state is FakeQuantState.VALIDATION:
-        ready_scales(qs, "cannot enter FakeQuantState.VALIDATION")
+        from calibkit.quant.snapshot import all_or_nothing  # snapshot builds on this module
+
+        with all_or_nothing(model, parameters=False):  # a failure leaves no scale half computed
+            ready_scales(qs, "cannot enter FakeQuantState.VALIDATION")
     for fq in qs.values():
         fq.enable_observer(state.observes)
         fq.enable_fake_quant(state.fake_quantizes)
@@ -336,14 +357,17 @@ def fix_activation_scales(model: nn.Module) -> list[str]:
     """Fix the scale of every activation quantizer (weights keep following their observers), the
     setting (``docs/methods.md#fixed-or-free-feature-map-scales``) for starting QAT from calibration. Returns the names fixed.
 
-    Scales are computed from the observers first where needed (``CalibrationError`` if one has no data).
+    Scales are computed from the observers first where needed; if one has no data, one ``CalibrationError``
+    lists them all and no scale is fixed (all or nothing).
     """
-    fixed = []
-    for name, fq in require_quantizers(model).items():
-        if fq.kind != "weight":
+    from calibkit.quant.snapshot import all_or_nothing  # snapshot builds on this module
+
+    acts = {name: fq for name, fq in require_quantizers(model).items() if fq.kind != "weight"}
+    with all_or_nothing(model, parameters=False):
+        ready_scales(acts, "cannot fix the activation scales")
+        for fq in acts.values():
             fq.fix_scale()
-            fixed.append(name)
-    return fixed
+    return list(acts)
 
 
 def reset_observers(model: nn.Module) -> None:

@@ -74,8 +74,9 @@ def is_passthrough(node: fx.Node, modules) -> bool:
         return isinstance(modules[node.target], _PASS_MODULES)
     if node.op == "call_function":
         if node.target is operator.getitem:  # slicing a tensor selects values; indexing a tuple does not
-            src = node.args[0]
-            return isinstance(src, fx.Node) and bool(src.meta.get("calibkit_tensor", False))
+            src = node.args[0]  # a quantizer's output (inserted after probing) is a tensor too
+            return isinstance(src, fx.Node) and (bool(src.meta.get("calibkit_tensor", False))
+                                                 or isinstance(module_of(src, modules), FakeQuantize))
         if node.target is F.pad:
             value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
             return value in (None, 0, 0.0)

@@ -139,3 +139,21 @@ def kl_threshold_bins(hist: torch.Tensor, num_levels: int) -> int:
     kl = kl_divergences(hist, num_levels)
     best = torch.nonzero(kl == kl.min())[-1, 0]
     return int(best) + int(num_levels)
+
+
+def abs_histogram_l2(counts: torch.Tensor, width: float, clips: list[float], bits: int) -> torch.Tensor:
+    """Estimated L2 quantize-dequantize error (float64 ``[len(clips)]``) of each clip for the values of a histogram
+    of ``|x|`` (bin ``k``: ``[k * width, (k + 1) * width)``), each value taken at its bin centre ``v``: clipped
+    values (``v`` beyond the largest level ``qmax * s``, ``s = clip / ((qmax - qmin) / 2)``) cost
+    ``(v - qmax * s)**2``, the others ``min(v**2, s**2 / 12)`` (rounding noise, or rounding to zero). Bin 0 (the
+    exact zeros, which no grid changes) is left out."""
+    qmax = 2 ** (bits - 1) - 1
+    c = counts.reshape(-1)[1:].to(torch.float64)
+    v = (torch.arange(1, c.numel() + 1, dtype=torch.float64, device=c.device) + 0.5) * width
+    out = []
+    for clip in clips:
+        s = clip / (qmax + 0.5)
+        top = qmax * s
+        err = torch.where(v > top, (v - top) ** 2, torch.clamp(v * v, max=s * s / 12))
+        out.append((c * err).sum())
+    return torch.stack(out)

@@ -16,6 +16,9 @@ Placement (what an int8 deployment quantizes):
   named ``"<module>.out"`` (a module called twice: ``"<module>.out_1"``), function and method ops
   ``"<scope>.<op>.out"`` like adds.
 
+A conv / linear called at several places gets a module per call site, sharing its parameters, with its own
+weight quantizer (``"<module>.weight_1"``, ...) and its own input link (:func:`split_shared_calls`).
+
 Shape-only and selection ops get no quantizer: their output holds values already on their input's
 grid. These are flatten / view / reshape / permute / transpose / squeeze / getitem-style slicing /
 chunk / split / expand / contiguous / clone / dropout / identity, and **max pooling**, which selects
@@ -48,7 +51,7 @@ from calibkit.errors import PrepareError
 from calibkit.quant.fake_quantize import FakeQuantize, FakeQuantState
 from calibkit.quant.graph_ops import (fuses_with_relu, input_quantizer, is_add, is_float, is_passthrough, module_of,
                                       node_scopes, op_name)
-from calibkit.quant.qconfig import QConfig, QuantizerSite, resolve_specs
+from calibkit.quant.qconfig import QConfig, QuantizerSite, float_modules, resolve_specs
 from calibkit.quant.qmodules import QUANT_CLASS, WEIGHTED
 
 __all__ = ["prepare", "fold_batchnorm", "ACTIVATION_ROOT"]
@@ -104,13 +107,15 @@ def _trace(model: nn.Module, leaf_modules: Iterable | None) -> fx.GraphModule:
         if tracer.failed_in is not None:
             path, typ = tracer.failed_in
             where = f" inside module {path!r} ({typ.__name__})" if path else ""
-        hint = (f"pass leaf_modules=[{tracer.failed_in[1].__name__}] or leaf_modules=[{tracer.failed_in[0]!r}] "
-                if tracer.failed_in and tracer.failed_in[0] else "pass leaf_modules=[<ModuleType or 'module.name'>] ")
+        path, typ = tracer.failed_in if tracer.failed_in and tracer.failed_in[0] else ("module.name", None)
+        tname = typ.__name__ if typ is not None else "ModuleType"
         raise PrepareError(
             f"prepare could not trace {type(model).__name__} with torch.fx{where}: {type(e).__name__}: {e}\n"
             "Fix: make forward() traceable (no Python if/for/while on tensor values -- use torch.where or masks), "
-            f"or {hint}to run the untraceable submodule as one opaque op (its output is quantized as a whole, its "
-            "weights are not quantized).") from e
+            f"or keep that submodule in float with a qconfig override by name or type: overrides={{{path!r}: "
+            f"KEEP_FLOAT}} or overrides={{{tname}: KEEP_FLOAT}} (from calibkit import KEEP_FLOAT; the same as "
+            f"leaf_modules=[{tname}] or leaf_modules=[{path!r}]): it runs as one opaque float op, its output is "
+            "quantized as a whole, its weights are not quantized.") from e
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
@@ -168,6 +173,38 @@ def fold_batchnorm(gm: fx.GraphModule) -> list[str]:
     return folded
 
 
+# -- shared modules ------------------------------------------------------------------------------------
+def split_shared_calls(gm: fx.GraphModule) -> dict[str, list[str]]:
+    """Give every call site of a conv / linear called more than once its own module, so that each site gets its
+    own weight quantizer and links its own input quantizer (the bias grid and the integer path of VALIDATION
+    use the scale of *that* call's input, as ``convert`` does). The copies share the original's parameters
+    (one weight, trained once in QAT) and live beside it as ``<module>_call<k>``; quantizer names still use the
+    original path (``"c.out"``, ``"c.out_1"``; weights ``"c.weight"``, ``"c.weight_1"``). Returns
+    ``{module: [copies]}``."""
+    modules = dict(gm.named_modules())
+    seen: dict[str, int] = {}
+    copies: dict[str, list[str]] = {}
+    for n in gm.graph.nodes:
+        if n.op != "call_module" or type(modules.get(n.target)) not in QUANT_CLASS:
+            continue
+        k = seen.get(n.target, 0)
+        seen[n.target] = k + 1
+        if k == 0:
+            continue
+        original = modules[n.target]
+        path = f"{n.target}_call{k}"
+        while path in modules:
+            path += "_"
+        clone = copy.copy(original)  # the same parameter and buffer tensors, in dicts of its own
+        clone._parameters, clone._buffers, clone._modules = dict(original._parameters), dict(original._buffers), {}
+        _set_module(gm, path, clone)
+        modules[path] = clone
+        n.meta["calibkit_call_of"], n.meta["calibkit_call_index"] = n.target, k
+        n.target = path
+        copies.setdefault(n.meta["calibkit_call_of"], []).append(path)
+    return copies
+
+
 # -- placement ---------------------------------------------------------------------------------------
 class _Site(QuantizerSite):
     def __init__(self, name, kind, module_path, scopes, at=None, weighted_module=None):
@@ -176,7 +213,9 @@ class _Site(QuantizerSite):
         self.weighted_module = weighted_module  # module path (weights)
 
 
-def _place(gm: fx.GraphModule) -> list[_Site]:
+def _place(gm: fx.GraphModule, kept: set[str] = frozenset()) -> list[_Site]:
+    """Quantizer sites in graph order (see the module docstring); modules in ``kept`` (``KEEP_FLOAT``) get no
+    weight quantizer, only their output's."""
     modules = dict(gm.named_modules())
     sites: list[_Site] = []
     counts: dict[str, int] = {}
@@ -198,7 +237,7 @@ def _place(gm: fx.GraphModule) -> list[_Site]:
             continue
         at = n
         mod = module_of(n, modules)
-        weighted = type(mod) in QUANT_CLASS
+        weighted = type(mod) in QUANT_CLASS and n.meta.get("calibkit_call_of", n.target) not in kept
         if weighted or is_add(n):
             relu = fuses_with_relu(n, modules)
             if relu is not None and is_float(relu):
@@ -206,14 +245,17 @@ def _place(gm: fx.GraphModule) -> list[_Site]:
                 handled.add(relu)
         scopes = node_scopes(n)
         if n.op == "call_module":
-            name, module_path = unique(n.target, "out"), n.target
+            module_path = n.meta.get("calibkit_call_of", n.target)  # a shared module's copy: the original's names
+            name = unique(module_path, "out")
         else:
             scope = scopes[-1][0] if scopes else ""
             name = unique(f"{scope}.{op_name(n)}" if scope else op_name(n), "")
             module_path = scope
         if weighted and n.target not in weight_done:
             weight_done.add(n.target)
-            sites.append(_Site(f"{n.target}.weight", "weight", n.target, scopes, weighted_module=n.target))
+            k = n.meta.get("calibkit_call_index", 0)
+            sites.append(_Site(f"{module_path}.weight" + (f"_{k}" if k else ""), "weight", module_path, scopes,
+                               weighted_module=n.target))
         sites.append(_Site(name, "activation", module_path, scopes, at=at))
     # storage paths are the names under ACTIVATION_ROOT: a name must not be a dotted prefix of another
     names = {s.name for s in sites if s.kind == "activation"}
@@ -264,7 +306,9 @@ def prepare(model: nn.Module, qconfig: QConfig, example_inputs: Any, overrides: 
         example_inputs: a tensor or tuple of positional inputs on the model's device, run once to
             find which values are floating-point tensors (e.g. ``torch.randn(1, 3, 32, 32)``).
         overrides: per-op settings, ``{quantizer name | module name | module type: QConfig/QuantSpec}``
-            (priority: quantizer name > module name > module type > global; see ``calibkit.quant.qconfig``).
+            (priority: quantizer name > module name > module type > global; see ``calibkit.quant.qconfig``);
+            ``{module name | module type: KEEP_FLOAT}`` keeps such modules in float (not traced into, no weight
+            quantizer, only the output quantized).
         leaf_modules: module types or names to keep as opaque ops instead of tracing into them.
 
     Returns an ``fx.GraphModule`` in eval mode whose quantizers observe and pass values through
@@ -280,8 +324,9 @@ def prepare(model: nn.Module, qconfig: QConfig, example_inputs: Any, overrides: 
     if not isinstance(example_inputs, (tuple, list)):
         raise TypeError("example_inputs must be a tensor or a tuple of the model's positional inputs")
     module_names = {n for n, _ in model.named_modules()}
+    kept, overrides = float_modules(model, overrides)
     model = copy.deepcopy(model).eval()
-    gm = _trace(model, leaf_modules)
+    gm = _trace(model, [*(leaf_modules or ()), *sorted(kept)])
     try:
         with torch.no_grad():
             _Probe(gm).run(*example_inputs)
@@ -291,7 +336,8 @@ def prepare(model: nn.Module, qconfig: QConfig, example_inputs: Any, overrides: 
     if ACTIVATION_ROOT in dict(gm.named_children()):
         raise PrepareError(f"the model has a submodule named {ACTIVATION_ROOT!r}, which prepare needs for its quantizers")
     fold_batchnorm(gm)
-    sites = _place(gm)
+    split_shared_calls(gm)
+    sites = _place(gm, kept)
     specs = resolve_specs(sites, qconfig, overrides, module_names)
 
     device = next((t.device for t in [*gm.parameters(), *gm.buffers()]), None)
@@ -302,5 +348,6 @@ def prepare(model: nn.Module, qconfig: QConfig, example_inputs: Any, overrides: 
     gm.graph.lint()
     gm.recompile()
     gm.meta["calibkit_prepared"] = True
+    gm.meta["calibkit_float_modules"] = sorted(kept)
     return gm.eval()
 

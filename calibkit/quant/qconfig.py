@@ -20,6 +20,11 @@ Override keys and priority (highest first):
 In a ``QConfig`` override a field left ``None`` falls through to the next level, so
 ``QConfig(activation=QuantSpec("percentile", percentile=99.9))`` changes only activations.
 A key that matches nothing raises ``ValueError`` listing the closest names (difflib).
+
+**Keeping a module in float**: ``overrides={"blocks.3.attn": KEEP_FLOAT}`` or ``{nn.LayerNorm: KEEP_FLOAT}``
+(module name or type keys only). ``prepare`` does not trace into such a module (so Python control flow on
+tensor values inside it is fine), quantizes none of its weights or inner ops, and quantizes only its output,
+so that the ops after it stay integer; ``convert`` runs it in float between a dequantize and a quantize.
 """
 
 from __future__ import annotations
@@ -32,6 +37,54 @@ from torch import nn
 
 from calibkit.quant.observers import ObserverBase, get_observer_class
 from calibkit.quant.numerics import check_bits
+
+
+class _KeepFloat:
+    """The override value that keeps a module in float (see the module docstring); use :data:`KEEP_FLOAT`."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "KEEP_FLOAT"
+
+    def __reduce__(self):
+        return (_KeepFloat, ())
+
+
+#: Override value: keep that module (by name or type) in float; ``prepare`` treats it as one opaque op.
+KEEP_FLOAT = _KeepFloat()
+
+
+def float_modules(model: nn.Module, overrides: Mapping | None) -> tuple[set[str], dict]:
+    """Split ``overrides`` into the module paths of ``model`` kept in float (``KEEP_FLOAT`` keys, validated: a
+    name must be a module of the model, a type must occur in it) and the remaining overrides."""
+    kept, rest = set(), {}
+    modules = dict(model.named_modules())
+    for key, value in dict(overrides or {}).items():
+        if value is not KEEP_FLOAT:
+            rest[key] = value
+        elif isinstance(key, type) and issubclass(key, nn.Module):
+            found = {p for p, m in modules.items() if p and isinstance(m, key)}
+            if not found:
+                raise ValueError(f"override key {key.__name__}: KEEP_FLOAT matches no submodule of that type; types "
+                                 f"present: {sorted({type(m).__name__ for m in modules.values()})[:20]}")
+            kept |= found
+        elif isinstance(key, str) and key:
+            if key not in modules:
+                raise ValueError(f"override key {key!r}: KEEP_FLOAT needs a submodule name of the model"
+                                 f"{_close(key, [p for p in modules if p])}")
+            kept.add(key)
+        else:
+            raise TypeError(f"KEEP_FLOAT override keys must be submodule names (str) or nn.Module subclasses, "
+                            f"got {key!r}")
+    # a module inside a kept module is not traced anyway: keep the outermost paths only
+    kept = {p for p in kept if not any(p.startswith(o + ".") for o in kept)}
+    return kept, rest
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,14 @@ NOTEBOOK_DEFAULTS: dict[str, dict[str, dict]] = {
         "smoke": dict(qat_epochs=QUANT_PROFILES["smoke"].qat_epochs,
                       qat_train_images=QUANT_PROFILES["smoke"].qat_train_images, qat_evals=2, tie_tolerance=0.01),
     },
+    "07": {  # the stand-in "own" model: training steps and folder sizes (images per class), calibration batches
+        "full": dict(train_steps=1200, train_per_class=2000, eval_per_class=300, calib_batches=8, batch_size=32),
+        "smoke": dict(train_steps=150, train_per_class=500, eval_per_class=80, calib_batches=2, batch_size=32),
+    },
+    "08": {  # timed runs per model and runtime (median) in the deployment table
+        "full": dict(latency_repeats=10),
+        "smoke": dict(latency_repeats=2),
+    },
 }
 
 

@@ -14,13 +14,14 @@ from calibkit.checks import check_int
 from calibkit.cifar.data import ImageTensors, calibration_batches
 from calibkit.errors import CalibrationError
 from calibkit.quant.numerics import check_bits
+from calibkit.quant.observers import CALIBRATION_METHODS
 from calibkit.quant.qconfig import QConfig, get_default_qconfig
 
 __all__ = ["METHODS", "QuantSetting", "SETTINGS", "BatchesFn", "batches_fn", "calibration_sets", "check_batches",
            "example_inputs_of", "positive_ints", "mean"]
 
 #: The five calibration methods (docs/methods.md#calibration-methods), in the order of the method table.
-METHODS = ("min_max", "percentile", "mse", "kl", "mix")
+METHODS = CALIBRATION_METHODS
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from calibkit.checks import check_int
 from calibkit.devices import model_device
+from calibkit.quant.batches import batch_input
 from calibkit.quant.calibrate import calibrate, evaluate
 from calibkit.quant.fake_quantize import FakeQuantState, named_quantizers, set_fake_quantize
 from calibkit.quant.numerics import check_bits, scale_from_amax
@@ -84,10 +85,6 @@ def quantizer_table(prepared: nn.Module) -> list[dict]:
     return rows
 
 
-def _first_tensor(batch) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
 def _activation_quantizers(prepared: nn.Module) -> dict:
     return {n: q for n, q in named_quantizers(prepared).items() if q.kind != "weight"}
 
@@ -110,9 +107,9 @@ def _record_min_max(prepared: nn.Module, batches: list, progress: bool):
     device = model_device(prepared)
     seconds = []
     try:
-        for b in tqdm(batches, desc="record min/max", disable=not progress, leave=False):
+        for i, b in enumerate(tqdm(batches, desc="record min/max", disable=not progress, leave=False)):
             t0 = time.perf_counter()
-            prepared(_first_tensor(b).to(device))
+            prepared(batch_input(b, i).to(device))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds.append(time.perf_counter() - t0)
@@ -155,7 +152,7 @@ class MinMaxTrace:
         setting = QuantSetting("trace", activation_bits, weight_bits, per_channel_weights)
         prepared = prepare(model, setting.qconfig("min_max"), example_inputs_of(example_inputs, batches))
         mins, maxs, seconds = _record_min_max(prepared, batches, progress)
-        return cls(prepared, mins, maxs, seconds, int(_first_tensor(batches[0]).shape[0]))
+        return cls(prepared, mins, maxs, seconds, int(batch_input(batches[0], 0).shape[0]))
 
     def _check_steps(self, steps: int) -> int:
         return check_int("steps", steps, 1, self.num_batches, why=" (more than the recorded batches)")

@@ -32,7 +32,10 @@ from calibkit.quant.observers.percentile import PercentileObserver
 __all__ = ["ObserverBase", "MinMaxObserver", "MovingAverageMinMaxObserver", "MovingAveragePerChannelMinMaxObserver",
            "FixedScaleObserver", "PercentileObserver", "MSEObserver", "KLObserver", "MixObserver",
            "get_observer_class", "observer_names", "register_observer", "check_averaging_constant",
-           "check_percentile", "check_int_range"]
+           "check_percentile", "check_int_range", "CALIBRATION_METHODS"]
+
+#: The five calibration methods of docs/methods.md#calibration-methods, in the guide's order.
+CALIBRATION_METHODS = ("min_max", "percentile", "mse", "kl", "mix")
 
 _REGISTRY: dict[str, type[ObserverBase]] = {}
 #: Alternative spellings accepted by ``get_observer_class`` (the CamelCase names of docs/methods.md#min-max).

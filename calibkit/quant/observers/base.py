@@ -13,8 +13,13 @@ from torch import nn
 
 from calibkit.checks import check_int, check_number
 from calibkit.errors import CalibrationError
+from calibkit.quant import distributed
 from calibkit.quant.histogram import nonfinite_error
+from calibkit.quant.intra_op import single_threaded
 from calibkit.quant.numerics import check_bits, scale_from_amax
+
+#: Largest float32 value: scales and histograms are float32, so larger (float64) inputs are refused.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def check_averaging_constant(c: float) -> float:
@@ -46,6 +51,10 @@ class ObserverBase(nn.Module):
 
     Buffers (saved in ``state_dict``): ``amax`` (float32, ``[]`` or ``[C]``; 0 until data is seen)
     and ``steps`` (int64 number of batches observed). Histograms are working memory, never saved.
+
+    Under ``torch.distributed`` (:func:`calibkit.quant.distributed.world_size` > 1) each batch's statistic
+    (:meth:`_batch_stat`) is gathered from every rank and absorbed rank by rank (:meth:`_observe_ranks`), so
+    ``steps`` counts the batches of all ranks (docs/methods.md#many-processes).
     """
 
     #: Name under which the observer is registered (``get_observer_class(name)``).
@@ -67,13 +76,35 @@ class ObserverBase(nn.Module):
     # -- interface ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Records the statistics of ``x`` (one calibration batch) and returns ``x`` unchanged."""
-        xd = self._check_input(x)
-        self._observe(xd)
-        self.steps += 1
+        with single_threaded(x):  # short passes: see calibkit.quant.intra_op
+            xd = self._check_input(x)
+            if distributed.world_size() > 1:
+                self._observe_ranks(xd)
+            else:
+                self._observe(xd)
+                self.steps += 1
         return x
 
-    def _observe(self, x: torch.Tensor) -> None:  # pragma: no cover - abstract
+    def _observe(self, x: torch.Tensor) -> None:
+        """Records one batch: :meth:`_absorb` of :meth:`_batch_stat` (or an override)."""
+        self._absorb(self._batch_stat(x))
+
+    def _batch_stat(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch's statistic as one tensor on ``x``'s device, to be moving-averaged by :meth:`_absorb`."""
+        raise CalibrationError(
+            f"{type(self).__name__} has no per-batch statistic to share across ranks under torch.distributed: "
+            "implement _batch_stat/_absorb (or _observe_ranks), or calibrate(..., sync=False) to keep per-rank scales")
+
+    def _absorb(self, stat: torch.Tensor) -> None:  # pragma: no cover - abstract
+        """Folds one batch statistic from :meth:`_batch_stat` into the state."""
         raise NotImplementedError
+
+    def _observe_ranks(self, x: torch.Tensor) -> None:
+        """Under ``torch.distributed`` (docs/methods.md#many-processes): every rank's batch statistic, gathered, is
+        absorbed in rank order, one step each, as one process fed the batches step by step, rank by rank."""
+        for stat in distributed.gather_in_step_order(self._batch_stat(x)):
+            self._absorb(stat)
+            self.steps += 1
 
     def get_amax(self) -> torch.Tensor:
         """Clipping threshold (float32, ``[]`` or ``[C]``), >= 0."""
@@ -110,6 +141,11 @@ class ObserverBase(nn.Module):
             self._batch_minmax = (lo, hi)  # reused by per-tensor observers (not state)
             if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
                 raise nonfinite_error(type(self).__name__, x)
+            if torch.finfo(x.dtype).max > FLOAT32_MAX and max(-float(lo), float(hi)) > FLOAT32_MAX:
+                raise CalibrationError(
+                    f"{type(self).__name__}: input holds a value of magnitude {max(-float(lo), float(hi)):.6g} "
+                    f"({x.dtype}, shape {tuple(x.shape)}), beyond the float32 range (max {FLOAT32_MAX:.6g}) in "
+                    "which scales are computed -- check the model / data for overflow")
         if self.ch_axis is not None and not (-x.dim() <= self.ch_axis < x.dim()):
             raise ValueError(f"ch_axis={self.ch_axis} is out of range for a {x.dim()}-d tensor")
         return x
@@ -173,10 +209,13 @@ class BatchClipObserver(ObserverBase):
     """Observers whose statistic is a per-batch clip (``[C]``, one per row), moving-averaged: ``percentile``,
     ``mse`` and ``mix``. A subclass answers :meth:`_batch_clip`."""
 
-    def _observe(self, x: torch.Tensor) -> None:
+    def _batch_stat(self, x: torch.Tensor) -> torch.Tensor:
         x2d = self._rows(x)
         clip = self._batch_clip(x2d, row_amax(x2d, self._tensor_minmax()))
-        self.amax = self._average(self.amax, clip.reshape(()) if self.ch_axis is None else clip)
+        return clip.reshape(()) if self.ch_axis is None else clip
+
+    def _absorb(self, stat: torch.Tensor) -> None:
+        self.amax = self._average(self.amax, stat)
 
     def _batch_clip(self, x2d: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """Clip per row (float32 ``[C]``) for this batch; ``amax``: per-row ``max |x|``."""

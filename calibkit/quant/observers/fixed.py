@@ -7,6 +7,7 @@ import math
 import torch
 
 from calibkit.checks import check_number
+from calibkit.quant import distributed
 from calibkit.quant.numerics import qrange
 from calibkit.quant.observers.base import ObserverBase
 
@@ -40,6 +41,9 @@ class FixedScaleObserver(ObserverBase):
 
     def _observe(self, x: torch.Tensor) -> None:
         pass
+
+    def _observe_ranks(self, x: torch.Tensor) -> None:
+        self.steps += distributed.world_size()  # nothing to share: the range is known
 
     def reset(self) -> None:
         pass

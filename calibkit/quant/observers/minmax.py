@@ -26,13 +26,17 @@ class MinMaxObserver(ObserverBase):
         self.register_buffer("min_val", torch.tensor(0.0))
         self.register_buffer("max_val", torch.tensor(0.0))
 
-    def _observe(self, x: torch.Tensor) -> None:
+    def _batch_stat(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch's ``(min, max)`` stacked: ``[2]`` per tensor, ``[2, C]`` per channel."""
         if self.ch_axis is None:
             lo, hi = self._batch_minmax  # computed by the input check
         else:
             lo, hi = torch.aminmax(self._channels_first(x), dim=1)
-        self.min_val = self._average(self.min_val, lo)
-        self.max_val = self._average(self.max_val, hi)
+        return torch.stack([lo, hi])
+
+    def _absorb(self, stat: torch.Tensor) -> None:
+        self.min_val = self._average(self.min_val, stat[0])
+        self.max_val = self._average(self.max_val, stat[1])
         self.amax = torch.maximum(self.min_val.abs(), self.max_val.abs())
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
