@@ -136,16 +136,22 @@ class AccumulatingHistogram:
         amax = max(-float(lo), float(hi))
         if not math.isfinite(amax):
             raise nonfinite_error(owner, x.detach())
-        self.total += x2d.shape[1]
+        if self._extend(amax, x2d.shape[1], x2d.device):
+            self.counts += self.counts_at(x2d, self.width, len(self), nonnegative=float(lo) >= 0)
+
+    def _extend(self, amax: float, n: int, device: torch.device) -> bool:
+        """Counts ``n`` more values whose largest ``|x|`` is ``amax`` in ``total`` / ``max_value`` and grows the
+        histogram to cover ``amax`` (the first non-zero batch starts it); False while only zeros have been seen
+        (they wait for bin 0), else True: the batch's counts are then to be added at the current width."""
+        self.total += n
         self.max_value = max(self.max_value, amax)
         if self.counts is None:
             if amax == 0.0:
-                self._zeros_before_start += x2d.shape[1]
-                return
-            self._start(amax, x2d.device)
+                self._zeros_before_start += n
+                return False
+            self._start(amax, device)
         self._cover(amax)
-        inv = torch.tensor([1.0 / self.width], dtype=torch.float32, device=x2d.device)  # exact power of two
-        self.counts += binned_counts(x2d, inv, 0.0, len(self), absolute=True, nonnegative=float(lo) >= 0)[0]
+        return True
 
     def _start(self, amax: float, device: torch.device) -> None:
         """The first non-zero batch sets the width: the power of two just below ``amax / bins`` (and at least
@@ -189,12 +195,5 @@ class AccumulatingHistogram:
     def add_counts(self, counts: torch.Tensor, amax: float, n: int) -> None:
         """Adds one batch of ``n`` values whose largest ``|x|`` is ``amax`` from its ``counts`` at the width and
         length :meth:`plan` gave for it (longer ``counts`` are cut): the same state as :meth:`add` of the batch."""
-        self.total += n
-        self.max_value = max(self.max_value, amax)
-        if self.counts is None:
-            if amax == 0.0:
-                self._zeros_before_start += n
-                return
-            self._start(amax, counts.device)
-        self._cover(amax)
-        self.counts += counts[:len(self)].to(self.counts.device)
+        if self._extend(amax, n, counts.device):
+            self.counts += counts[:len(self)].to(self.counts.device)

@@ -114,19 +114,9 @@ class KLObserver(ObserverBase):
 
     def _search(self) -> None:
         """One search over the histogram so far; its clip is one sample of the moving average."""
-        hist = self.histogram
-        self.fallback = None if hist.counts is None else self._fallback_reason(hist.counts)
-        if hist.counts is None:
-            clip = 0.0
-        elif self.fallback is not None:
-            clip = hist.max_value
+        clip, self.fallback = self._clip(self.histogram)
+        if self.fallback is not None:
             self.fallbacks += 1
-        else:
-            counts = hist.counts.clone()
-            if counts.numel() > 1:
-                counts[0] = counts[1]  # bin 0 holds the exact zeros (ReLU): see the class docstring
-            clip = min(kl_threshold_bins(counts, 2 ** (self.bits - 1)) * hist.width, hist.max_value)
-            clip = self._unless_collapsed(hist, clip)
         new = torch.tensor(clip, dtype=torch.float32, device=self.amax.device)
         self.amax = new if int(self.searches) == 0 else self.amax + self.averaging_constant * (new - self.amax)
         self.searches += 1
@@ -149,19 +139,33 @@ class KLObserver(ObserverBase):
             return f"too few values: {values} < {self.min_values()}; kept the max"
         return None
 
-    def _unless_collapsed(self, hist: AccumulatingHistogram, clip: float) -> float:
-        """``clip``, or the max where ``clip``'s estimated L2 error exceeds ``COLLAPSE_RATIO`` times the max's."""
+    def _clip(self, hist: AccumulatingHistogram) -> tuple[float, str | None]:
+        """This search's clip and, where it kept the max instead of the entropy clip, why (the class docstring)."""
+        if hist.counts is None:
+            return 0.0, None
+        reason = self._fallback_reason(hist.counts)
+        if reason is None:
+            counts = hist.counts.clone()
+            if counts.numel() > 1:
+                counts[0] = counts[1]  # bin 0 holds the exact zeros (ReLU): see the class docstring
+            clip = min(kl_threshold_bins(counts, 2 ** (self.bits - 1)) * hist.width, hist.max_value)
+            reason = self._collapse_reason(hist, clip)
+            if reason is None:
+                return clip, None
+        return hist.max_value, reason
+
+    def _collapse_reason(self, hist: AccumulatingHistogram, clip: float) -> str | None:
+        """Why the entropy ``clip`` collapsed (its estimated L2 error exceeds ``COLLAPSE_RATIO`` times the max's
+        and it cuts at least ``MIN_CLIPPED`` values), or None."""
         if clip >= hist.max_value or clip <= 0:
-            return clip
+            return None
         err_clip, err_max = abs_histogram_l2(hist.counts, hist.width, [clip, hist.max_value], self.bits).tolist()
         clipped = int(hist.counts[math.ceil(clip / hist.width):].sum())
         if err_clip <= self.COLLAPSE_RATIO * err_max or clipped < self.MIN_CLIPPED:
-            return clip
-        self.fallback = (f"collapse: the entropy clip {clip:.4g} cuts {clipped} values and has "
-                         f"{err_clip / max(err_max, 1e-300):.3g} x the estimated L2 error of the max "
-                         f"{hist.max_value:.4g}; kept the max")
-        self.fallbacks += 1
-        return hist.max_value
+            return None
+        return (f"collapse: the entropy clip {clip:.4g} cuts {clipped} values and has "
+                f"{err_clip / max(err_max, 1e-300):.3g} x the estimated L2 error of the max {hist.max_value:.4g}; "
+                "kept the max")
 
     def _require_data(self) -> None:
         super()._require_data()
