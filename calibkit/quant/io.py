@@ -2,9 +2,9 @@
 
 A prepared model is rebuilt by ``prepare`` from its float model and qconfig; the file holds what
 calibration and training changed: the ``state_dict`` (weights, scales, observer statistics, flags), the
-quantizer names and each quantizer's configuration (to refuse a file from a model prepared differently, naming the
-first difference) and the caller's ``meta``. Files are
-written atomically (:func:`calibkit.files.atomic_torch_save`) and read with ``weights_only=True``.
+quantizer names (to refuse a file from a model prepared differently) and the caller's ``meta``. Each quantizer's
+configuration travels inside the ``state_dict`` (:mod:`calibkit.quant.quantizer_config`), so loading the state
+refuses another configuration, naming the first difference. Files are written atomically (:func:`calibkit.files.atomic_torch_save`) and read with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from torch import nn
 from calibkit.errors import CheckpointError
 from calibkit.files import atomic_torch_save
 from calibkit.quant.fake_quantize import require_quantizers
-from calibkit.quant.quantizer_config import config_difference
 from calibkit.quant.snapshot import all_or_nothing
 
 __all__ = ["save_prepared", "load_prepared", "PREPARED_FORMAT", "FORMAT_VERSION"]
@@ -29,7 +28,7 @@ FORMAT_VERSION = 2
 
 def save_prepared(path: str | Path, model: nn.Module, meta: dict | None = None) -> Path:
     """Save a prepared model's ``state_dict`` (weights, scales, observer statistics, flags, each quantizer's
-    configuration), its quantizer names and configurations, and ``meta`` to ``path`` atomically (temporary file +
+    configuration), its quantizer names and ``meta`` to ``path`` atomically (temporary file +
     ``os.replace``). ``meta`` must hold only what ``weights_only`` loading reads back (dicts, lists, str, numbers,
     tensors). Returns the path."""
     qs = require_quantizers(model)
@@ -37,7 +36,7 @@ def save_prepared(path: str | Path, model: nn.Module, meta: dict | None = None) 
         raise TypeError(f"meta must be a dict or None, got {type(meta).__name__}")
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {"format": PREPARED_FORMAT, "format_version": FORMAT_VERSION, "state_dict": state,
-               "quantizers": list(qs), "configs": {n: fq.config() for n, fq in qs.items()}, "meta": dict(meta or {})}
+               "quantizers": list(qs), "meta": dict(meta or {})}
     return atomic_torch_save(payload, path)
 
 
@@ -62,13 +61,11 @@ def _read(path: Path, map_location) -> dict:
         raise CheckpointError(f"checkpoint {str(path)!r} is damaged: state_dict must map names to tensors")
     if not all(isinstance(n, str) for n in payload["quantizers"]):
         raise CheckpointError(f"checkpoint {str(path)!r} is damaged: quantizers must be a list of names")
-    if "configs" in payload and not isinstance(payload["configs"], dict):
-        raise CheckpointError(f"checkpoint {str(path)!r} is damaged: field 'configs' is not a dict")
     return payload
 
 
 def _check_fits(path: Path, payload: dict, qs) -> None:
-    """The saved quantizers must be this model's, in order, each with the same configuration (first difference)."""
+    """The saved quantizers must be this model's, in order (their configurations are checked as the state loads)."""
     names = list(qs)
     if payload["quantizers"] != names:
         saved = payload["quantizers"]
@@ -77,15 +74,6 @@ def _check_fits(path: Path, payload: dict, qs) -> None:
             f"checkpoint {str(path)!r} was saved from a model with other quantizers: {len(saved)} saved, {len(names)} "
             f"here; first difference at position {i}: saved {saved[i] if i < len(saved) else '<none>'!r}, this model "
             f"{names[i] if i < len(names) else '<none>'!r}. Prepare the model with the same float model and qconfig")
-    for name, saved in payload.get("configs", {}).items():
-        if name in qs:
-            if not isinstance(saved, dict):
-                raise CheckpointError(f"checkpoint {str(path)!r} is damaged: configs[{name!r}] is not a dict")
-            diff = config_difference(qs[name].config(), saved)
-            if diff:
-                raise CheckpointError(f"checkpoint {str(path)!r}: quantizer {name!r} was saved with another "
-                                      f"configuration ({diff}): prepare the model with the qconfig and overrides "
-                                      "the file was saved with")
 
 
 def load_prepared(path: str | Path, model: nn.Module) -> dict:
