@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["check_number", "check_int"]
+__all__ = ["check_number", "check_int", "check_labels"]
 
 
 def _interval(low, high, low_open: bool, high_open: bool) -> str:
@@ -44,3 +44,10 @@ def check_int(name: str, value, low: int | None = None, high: int | None = None,
         raise ValueError(f"{name}={value!r} is out of range{why}: use {allowed}")
     return int(value)
 
+
+def check_labels(labels, num_classes: int) -> None:
+    """``ValueError`` unless every label (an integer tensor) is a class index in ``[0, num_classes)``, the model's
+    output width."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels hold values in [{int(labels.min())}, {int(labels.max())}] but the model has "
+                         f"{num_classes} outputs: labels must be class indices in [0, {num_classes})")

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from calibkit.analysis.selection import check_quantizer_names, input_batches, require_eval, require_scales
 from calibkit.devices import model_device
-from calibkit.errors import CalibKitError, CalibrationError
+from calibkit.quant.calibrate import forward_batch
 from calibkit.quant.fake_quantize import FakeQuantize, FakeQuantState, named_quantizers, set_fake_quantize
 from calibkit.quant.qconfig import QConfig, QuantSpec
 from calibkit.quant.snapshot import all_or_nothing
@@ -122,6 +122,13 @@ def recalibrate(model: nn.Module, batches, names: Iterable[str], progress: bool 
 
     The model must be in eval mode; afterwards it is in ``FakeQuantState.VALIDATION``.
     """
+    checked = _recalibration_inputs(model, batches, names)
+    with all_or_nothing(model, parameters=False):  # eval mode, no gradients: parameter values cannot change
+        return _recalibrate(model, *checked, progress)
+
+
+def _recalibration_inputs(model: nn.Module, batches, names: Iterable[str]) -> tuple[dict, list, set]:
+    """``recalibrate``'s checks, before anything changes: ``(quantizers, input batches, names)``."""
     names = set(check_quantizer_names(model, names))
     if not names:
         raise ValueError("names is empty: give the quantizers to recalibrate")
@@ -129,8 +136,7 @@ def recalibrate(model: nn.Module, batches, names: Iterable[str], progress: bool 
     batches = input_batches(batches)
     qs = named_quantizers(model)
     require_scales({n: fq for n, fq in qs.items() if n not in names})  # their scales are final before anything runs
-    with all_or_nothing(model):
-        return _recalibrate(model, qs, batches, names, progress)
+    return qs, batches, names
 
 
 def _recalibrate(model: nn.Module, qs, batches: list, names: set, progress: bool) -> float:
@@ -141,13 +147,7 @@ def _recalibrate(model: nn.Module, qs, batches: list, names: set, progress: bool
     t0 = time.perf_counter()
     with torch.no_grad():
         for i, x in enumerate(tqdm(batches, desc="recalibrate", disable=not progress, leave=False)):
-            try:
-                model(x.to(device))
-            except CalibKitError:
-                raise
-            except Exception as e:
-                raise CalibrationError(f"batches[{i}] of shape {tuple(x.shape)} failed in the model: "
-                                       f"{type(e).__name__}: {e}") from e
+            forward_batch(model, x, i, device)
         for n in names:
             qs[n].compute_scale()
     seconds = time.perf_counter() - t0
@@ -162,7 +162,7 @@ def apply_overrides(model: nn.Module, overrides: Mapping[str, Any], batches, pro
     model rejects, a new observer that cannot produce a scale) the old quantizers are put back, unchanged."""
     require_eval(model, "apply_overrides")
     batches = input_batches(batches)
-    with all_or_nothing(model):
+    with all_or_nothing(model, parameters=False):  # one snapshot; swapping quantizers changes no parameter
         names = override_quantizers(model, overrides)
-        recalibrate(model, batches, names, progress)
+        _recalibrate(model, *_recalibration_inputs(model, batches, names), progress)
     return names

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from calibkit.checks import check_int
+from calibkit.checks import check_int, check_labels
 from calibkit.cifar.data import normalize
 from calibkit.devices import model_device
 
@@ -99,9 +99,7 @@ def accuracy(model, images: torch.Tensor, labels: torch.Tensor, batch_size: int 
     if labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"labels must be integer class indices, got {labels.dtype}")
     logits = predict(model, images, batch_size, tta, progress)
-    if int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]:
-        raise ValueError(f"labels hold values in [{int(labels.min())}, {int(labels.max())}] but the model has "
-                         f"{logits.shape[1]} outputs: labels must be class indices in [0, {logits.shape[1]})")
+    check_labels(labels, logits.shape[1])
     return (logits.argmax(1).cpu() == labels.cpu()).float().mean().item()
 
 

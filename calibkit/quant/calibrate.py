@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from calibkit.checks import check_int
+from calibkit.checks import check_int, check_labels
 from calibkit.devices import model_device
 from calibkit.errors import CalibKitError, CalibrationError, StateError
 from calibkit.quant.fake_quantize import (FakeQuantState, FakeQuantize, named_quantizers, require_quantizers,
@@ -48,13 +48,6 @@ class CalibrationStateWarning(UserWarning):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def check_labels(labels: torch.Tensor, num_classes: int) -> None:
-    """``ValueError`` unless every label is a class index in ``[0, num_classes)`` (the model's output width)."""
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"labels hold values in [{int(labels.min())}, {int(labels.max())}] but the model has "
-                         f"{num_classes} outputs: labels must be class indices in [0, {num_classes})")
 
 
 def _warn_fixed(model: nn.Module) -> None:
@@ -117,14 +110,7 @@ def _run_calibration(model: nn.Module, batches: Iterable, progress: bool, reset:
     with torch.no_grad():
         for batch in tqdm(_same_steps(batches, device), total=total, desc="calibrate", disable=not progress,
                           leave=False):
-            x = batch_input(batch, n)
-            try:
-                model(x.to(device, non_blocking=True))
-            except CalibKitError:
-                raise
-            except Exception as e:
-                raise CalibrationError(f"batches[{n}] of shape {tuple(x.shape)} failed in the model: "
-                                       f"{type(e).__name__}: {e}") from e
+            forward_batch(model, batch_input(batch, n), n, device)
             n += 1
         if n == 0:
             raise CalibrationError("batches is empty: calibration needs at least one batch")
@@ -132,6 +118,18 @@ def _run_calibration(model: nn.Module, batches: Iterable, progress: bool, reset:
             fq.validation_scale()
     _sync(device)
     return time.perf_counter() - start
+
+
+def forward_batch(model: nn.Module, x: torch.Tensor, i: int, device: torch.device) -> None:
+    """``model(x)`` on ``device`` for a calibration pass; a failure in the model becomes a ``CalibrationError``
+    naming ``batches[i]`` and its shape (calibkit's own errors pass through)."""
+    try:
+        model(x.to(device, non_blocking=True))
+    except CalibKitError:
+        raise
+    except Exception as e:
+        raise CalibrationError(f"batches[{i}] of shape {tuple(x.shape)} failed in the model: "
+                               f"{type(e).__name__}: {e}") from e
 
 
 def _same_steps(batches: Iterable, device: torch.device):

@@ -38,11 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibkit.checks import check_int, check_number
+from calibkit.checks import check_int, check_labels, check_number
 from calibkit.devices import model_device
 from calibkit.loop import lr_multiplier, train_steps
 from calibkit.quant.batches import batch_pair, require_reiterable
-from calibkit.quant.calibrate import check_labels, evaluate
+from calibkit.quant.calibrate import evaluate
 from calibkit.quant.io import save_prepared
 from calibkit.quant.snapshot import all_or_nothing
 from calibkit.quant.fake_quantize import FakeQuantState, require_quantizers, fix_activation_scales, set_fake_quantize
