@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from calibkit.quant.observers import CALIBRATION_METHODS
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from zoo_models import ZOO, float_model, zoo_case  # noqa: E402
 
-METHODS = ("min_max", "percentile", "mse", "kl", "mix")
+METHODS = CALIBRATION_METHODS
 
 
 def main() -> None:

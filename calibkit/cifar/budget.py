@@ -38,7 +38,7 @@ from calibkit.checks import check_int, check_number
 from calibkit.cifar.checkpoint import reusable_checkpoint
 from calibkit.cifar.evaluate import bf16_supported
 from calibkit.cifar.models import Stage, cifar_resnet
-from calibkit.cifar.train import PROFILES, profile_config
+from calibkit.cifar.train import PROFILES, profile_config, profile_settings
 
 __all__ = ["TrainingSpeed", "TrainingPlan", "measure_speed", "time_class", "budget_config", "choose_epochs",
            "estimate_seconds", "plan_training", "previous_train_config"]
@@ -178,7 +178,7 @@ def choose_epochs(profile_epochs: int, budget_seconds: float, estimate) -> tuple
 def budget_config(profile: str, epochs: int) -> dict:
     """The settings of ``profile`` trained for ``epochs`` under a time budget (``profile_config`` of the profile
     when ``epochs`` is the profile's; else the warm-up scaled by ``epochs / profile epochs``)."""
-    full = PROFILES[profile] if profile in PROFILES else profile_config(profile)  # profile_config names the error
+    full = profile_settings(profile)
     check_int("epochs", epochs, 1)
     if epochs == full["epochs"]:
         return profile_config(profile)
@@ -267,7 +267,7 @@ def plan_training(profile: str, num_train: int, num_test: int, epochs: int | Non
     (:func:`previous_train_config`); if a budgeted run could have chosen it, it is kept without measuring.
     ``speed``: a measurement to use instead of measuring (tests).
     """
-    cfg = PROFILES[profile] if profile in PROFILES else profile_config(profile)  # profile_config names the error
+    cfg = profile_settings(profile)
     check_int("num_train", num_train, cfg["batch_size"], why=" (at least one batch)")
     check_int("num_test", num_test, 1)
     if epochs is not None:
@@ -294,6 +294,6 @@ def plan_training(profile: str, num_train: int, num_test: int, epochs: int | Non
         config = budget_config(profile, chosen)
         decision = ("over budget" if not fits else "profile epochs fit" if chosen == cfg["epochs"]
                     else "fewer epochs fit")
-    eval_s = estimate_seconds(chosen, spe, step_c, cfg["eval_every"], eval_batches, eval_c)[1]
-    return TrainingPlan(profile, chosen, config, decision, time_budget_minutes, estimate(chosen) / 60,
+    train_s, eval_s = estimate_seconds(chosen, spe, step_c, cfg["eval_every"], eval_batches, eval_c)
+    return TrainingPlan(profile, chosen, config, decision, time_budget_minutes, train_s / 60,
                         estimate(cfg["epochs"]) / 60, eval_s / 60, step_c, eval_c, speed, cap)

@@ -26,7 +26,7 @@ from calibkit.cifar.models import Stage, cifar_resnet, whiten_stem_
 from calibkit.devices import model_device
 from calibkit.loop import lr_multiplier, train_steps
 
-__all__ = ["PROFILES", "augment", "train", "train_profile", "profile_dataset", "profile_config"]
+__all__ = ["PROFILES", "augment", "train", "train_profile", "profile_dataset", "profile_config", "profile_settings"]
 
 # Both profiles use an airbench-style recipe (Keller Jordan's fast CIFAR-10 training, see ``train``): batch 1024
 # (smoke: 128), lr 1.5 per 1024 images for the mean loss with a per-step weight decay of lr * 1.3e-3, Nesterov
@@ -334,7 +334,8 @@ def _run_epochs(model, ds, batches, loss_fn, opt, slow, settings: dict, eval_bat
     return hist
 
 
-def _profile(profile: str) -> dict:
+def profile_settings(profile: str) -> dict:
+    """The settings of the named profile (``PROFILES``); ``ValueError`` naming the known ones."""
     if profile not in PROFILES:
         raise ValueError(f"profile={profile!r} is unknown: use one of {sorted(PROFILES)}")
     return PROFILES[profile]
@@ -344,14 +345,14 @@ def profile_config(profile: str = "full", epochs: int | None = None, **overrides
     """The complete settings ``train_profile(ds, profile, epochs=epochs, **overrides)`` trains with, as JSON
     types (tuples become lists): the profile's entries, then ``epochs`` (None = the profile's), then
     ``overrides``. Stored in checkpoints so that a changed recipe is never mistaken for a reusable model."""
-    cfg = {**_profile(profile), **({} if epochs is None else {"epochs": epochs}), **overrides}
+    cfg = {**profile_settings(profile), **({} if epochs is None else {"epochs": epochs}), **overrides}
     return json.loads(json.dumps(cfg))
 
 
 def profile_dataset(ds, profile: str = "full", seed: int = 0, **overrides):
     """The data a profile trains and evaluates on: ``ds`` itself, or ``ds.subset(train=num_train, test=num_test,
     seed=seed)`` when the profile (or ``overrides``) sets ``num_train`` / ``num_test``."""
-    cfg = {**_profile(profile), **overrides}
+    cfg = {**profile_settings(profile), **overrides}
     if cfg["num_train"] is None and cfg["num_test"] is None:
         return ds
     return ds.subset(train=cfg["num_train"], test=cfg["num_test"], seed=seed)

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from calibkit.own.compare import Comparison
+from calibkit.own.compare import WORST_KEYS, Comparison
 
 __all__ = ["write_report", "check_out_dir", "markdown_report", "REPORT_FILES"]
 
@@ -59,7 +59,7 @@ def markdown_report(comparison: Comparison, meta: dict | None = None) -> str:
     wfmt = {"isolated_sqnr_db": ".2f", "accumulated_sqnr_db": ".2f", "clip_ratio": ".2e"}
     for m, r in c.methods.items():
         lines += ["", f"## Worst ops of {m} (isolated SQNR, dB; higher is better)", ""]
-        lines += _table(r.worst_ops, ["name", "kind", "isolated_sqnr_db", "accumulated_sqnr_db", "clip_ratio"], wfmt)
+        lines += _table(r.worst_ops, list(WORST_KEYS), wfmt)
     return "\n".join(lines) + "\n"
 
 
