@@ -167,7 +167,7 @@ def _decode_chunk(args) -> np.ndarray:
             with Image.open(f) as im:
                 im.load()
                 im = _to_rgb8(im, f)
-        except ValueError:
+        except UnsupportedImageError:
             raise
         except Exception as e:
             raise ValueError(f"cannot decode image file {f}: {type(e).__name__}: {e}") from None
@@ -181,9 +181,14 @@ def _decode_chunk(args) -> np.ndarray:
     return out
 
 
+class UnsupportedImageError(ValueError):
+    """An image file that decodes but holds a pixel format calibkit does not read (32-bit integer or float)."""
+
+
 def _to_rgb8(im, f):
     """``im`` as 8-bit RGB. 16-bit grey images (PIL modes ``I;16*``, and ``I`` holding values up to 65535) are scaled
-    to 8 bits, ``round(v * 255 / 65535)``, never clipped; 32-bit integer or float images raise ``ValueError``."""
+    to 8 bits, ``round(v * 255 / 65535)``, never clipped; 32-bit integer or float images raise
+    :class:`UnsupportedImageError` (a ``ValueError``)."""
     from PIL import Image
 
     if im.mode == "RGB":
@@ -191,8 +196,8 @@ def _to_rgb8(im, f):
     if im.mode.startswith("I") or im.mode == "F":
         arr = np.asarray(im)
         if im.mode == "F" or (im.mode == "I" and arr.size and (int(arr.min()) < 0 or int(arr.max()) > 65535)):
-            raise ValueError(f"image file {f} has PIL mode {im.mode!r} with values outside 0..65535: only 8- and "
-                             "16-bit images are read (convert it to 8-bit RGB)")
+            raise UnsupportedImageError(f"image file {f} has PIL mode {im.mode!r} with values outside 0..65535: "
+                                        "only 8- and 16-bit images are read (convert it to 8-bit RGB)")
         grey = np.round(arr.astype(np.float64) * (255.0 / 65535.0)).astype(np.uint8)
         return Image.fromarray(grey, mode="L").convert("RGB")
     return im.convert("RGB")

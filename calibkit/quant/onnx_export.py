@@ -58,7 +58,7 @@ from torch import nn
 from calibkit.checks import check_int
 from calibkit.errors import CalibrationError, PrepareError, StateError
 from calibkit.quant.fake_quantize import FakeQuantize, FakeQuantState, get_fake_quantize_state, require_quantizers
-from calibkit.quant.graph_ops import input_quantizer, is_add, is_passthrough, is_relu
+from calibkit.quant.graph_ops import input_quantizer, is_add, is_passthrough, is_relu, module_of
 from calibkit.quant.numerics import qrange
 from calibkit.quant.qmodules import WEIGHTED, QLinear
 
@@ -159,7 +159,7 @@ def _fused_relu_producer(n: fx.Node, modules) -> fx.Node | None:
     if not (isinstance(src, fx.Node) and is_relu(src, modules) and isinstance(src.args[0], fx.Node)):
         return None
     prod = src.args[0]
-    ok = len(prod.users) == 1 and (isinstance(modules.get(prod.target), WEIGHTED) or is_add(prod))
+    ok = len(prod.users) == 1 and (isinstance(module_of(prod, modules), WEIGHTED) or is_add(prod))
     return prod if ok else None
 
 
@@ -167,7 +167,7 @@ def _extra_pairs(gm: fx.GraphModule, modules) -> set[fx.Node]:
     """Insert the 8-bit pairs before fused ReLUs and after shape-only ops; returns the pairs before ReLUs."""
     plan = []  # (node, scale, before a relu): found first, as input_quantizer walks the original graph
     for n in gm.graph.nodes:
-        mod = modules.get(n.target) if n.op == "call_module" else None
+        mod = module_of(n, modules)
         if isinstance(mod, FakeQuantize):
             prod = _fused_relu_producer(n, modules)
             if prod is not None:
@@ -176,8 +176,12 @@ def _extra_pairs(gm: fx.GraphModule, modules) -> set[fx.Node]:
             found = input_quantizer(n, modules)
             if found is not None:
                 plan.append((n, found[1].scale, False))
-    return {q for i, (n, scale, pre) in enumerate(plan)
-            if (q := _insert_qdq(gm, n, QDQ(scale, 8), f"{_EXPORT_ROOT}.q{i}")) is not None and pre}
+    before_relus = set()
+    for i, (n, scale, pre) in enumerate(plan):
+        q = _insert_qdq(gm, n, QDQ(scale, 8), f"{_EXPORT_ROOT}.q{i}")
+        if pre:
+            before_relus.add(q)
+    return before_relus
 
 
 def _pool_before_relu(gm: fx.GraphModule, modules, pre_relu: set[fx.Node]) -> None:
@@ -187,11 +191,11 @@ def _pool_before_relu(gm: fx.GraphModule, modules, pre_relu: set[fx.Node]) -> No
     pools the int8 codes (its QDQ rules drop a pair around ``MaxPool``) and runs the float ``DQ -> Relu -> Q`` on the
     pooled map, a quarter of the values for a 2x2 pool."""
     for n in list(gm.graph.nodes):
-        relu = n.args[0] if n.op == "call_module" and isinstance(modules.get(n.target), FakeQuantize) else None
+        relu = n.args[0] if isinstance(module_of(n, modules), FakeQuantize) else None
         if not (isinstance(relu, fx.Node) and is_relu(relu, modules) and relu.args[0] in pre_relu) or len(n.users) != 1:
             continue
         pool = next(iter(n.users))
-        if not (pool.op == "call_module" and isinstance(modules.get(pool.target), _MAX_POOLS)) or len(pool.users) != 1:
+        if not isinstance(module_of(pool, modules), _MAX_POOLS) or len(pool.users) != 1:
             continue
         after = next(iter(pool.users))  # the pair inserted after the pool
         for user in list(after.users):
@@ -211,7 +215,7 @@ def export_module(prepared_model: nn.Module) -> fx.GraphModule:
     modules = dict(gm.named_modules())
     _pool_before_relu(gm, modules, _extra_pairs(gm, modules))
     for n in gm.graph.nodes:
-        mod = modules.get(n.target) if n.op == "call_module" else None
+        mod = module_of(n, modules)
         if isinstance(mod, FakeQuantize):
             gm.add_submodule(n.target, QDQ(mod.scale, mod.bits))
         elif isinstance(mod, WEIGHTED):
