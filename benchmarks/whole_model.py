@@ -97,13 +97,13 @@ def run_calibkit(model: nn.Module, batches, method: str) -> tuple[float, torch.T
     try:
         m = ck.prepare(model, qc, (batches[0][:2],))
     except ck.PrepareError:  # keep the parts calibkit cannot trace float
-        m = ck.prepare(model, qc, (batches[0][:2],), leaf_modules=_untraceable(model))
+        m = ck.prepare(model, qc, (batches[0][:2],), leaf_modules=_untraceable())
     seconds = ck.calibrate(m, batches, progress=False)
     ck.set_fake_quantize(m, ck.FakeQuantState.VALIDATION)
     return seconds, forward_all(m, batches)
 
 
-def _untraceable(model: nn.Module) -> list[type]:
+def _untraceable() -> list[type]:
     """Module types calibkit's tracer should treat as leaves (kept float inside): convnext's CNBlock-level layer
     scale / stochastic depth, for instance."""
     import torchvision.ops
