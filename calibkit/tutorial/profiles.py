@@ -24,6 +24,7 @@ from torch import nn
 from calibkit.cifar.checkpoint import load_checkpoint
 from calibkit.cifar.data import ImageTensors, calibration_batches, load_cifar10, normalize
 from calibkit.errors import CheckpointError
+from calibkit.tutorial.settings import CalibrationChoice
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,13 @@ class TutorialSetup:
     slider_labels: torch.Tensor
     seed: int
     notes: dict = field(default_factory=dict)
+    choice: CalibrationChoice | None = None
+
+    @property
+    def averaging_constant(self) -> float:
+        """The averaging constant every activation observer of notebooks 03-06 uses: notebook 02's choice, or the
+        observers' default 0.01 without one."""
+        return self.choice.averaging_constant if self.choice is not None else 0.01
 
     @property
     def example_inputs(self) -> tuple[torch.Tensor]:
@@ -149,14 +157,24 @@ class TutorialSetup:
 
     def describe(self) -> str:
         p = self.profile
-        return (f"profile={p.name}: calibration {p.calib_batches} x {p.calib_batch_size} training images (seed "
-                f"{self.seed}, flips), validation {len(self.val_labels)} test images, slider subset "
+        if self.choice is not None:
+            chosen = (f"batch size {self.choice.batch_size} and averaging constant {self.choice.averaging_constant} "
+                      f"as notebook 02 chose them ({self.choice.source})")
+        else:
+            chosen = (f"the profile's batch size {p.calib_batch_size} and the default averaging constant 0.01 "
+                      "(no choice of notebook 02 was given or found)")
+        return (f"profile={p.name}: calibration {len(self.calib)} x {self.calib[0].shape[0]} training images (seed "
+                f"{self.seed}, flips), {chosen}; validation {len(self.val_labels)} test images, slider subset "
                 f"{len(self.slider_labels)} test images; data {self.data.source}")
 
 
 def setup(profile: str, checkpoint_path: str | Path, data_dir=None, seed: int = 0, device=None,
-          progress: bool = False) -> TutorialSetup:
-    """Load the float model and build the calibration / validation data for ``profile``."""
+          progress: bool = False, choice: CalibrationChoice | None = None) -> TutorialSetup:
+    """Load the float model and build the calibration / validation data for ``profile``.
+
+    ``choice``: notebook 02's batch size and averaging constant (:func:`~calibkit.tutorial.settings.
+    find_calibration_choice`); the calibration set is then the profile's number of batches at that batch size, and
+    ``averaging_constant`` returns its constant. ``None``: the profile's batch size and the default constant."""
     prof = get_quant_profile(profile)
     model, meta = load_float_model(checkpoint_path, device)
     data = load_cifar10(data_dir, progress=progress)
@@ -165,6 +183,7 @@ def setup(profile: str, checkpoint_path: str | Path, data_dir=None, seed: int = 
     val_x, val_y = normalize(test.test_images).to(dev), test.test_labels.to(dev)
     n_slider = min(prof.slider_images, len(val_y))
     slider = test.subset(train=0, test=n_slider, seed=seed)
-    calib = calibration_batches(data, prof.calib_batches, prof.calib_batch_size, seed=seed, flip=True, device=dev)
+    batch_size = choice.batch_size if choice is not None else prof.calib_batch_size
+    calib = calibration_batches(data, prof.calib_batches, batch_size, seed=seed, flip=True, device=dev)
     return TutorialSetup(prof, model, meta, data, calib, val_x, val_y, normalize(slider.test_images).to(dev),
-                         slider.test_labels.to(dev), seed)
+                         slider.test_labels.to(dev), seed, choice=choice)

@@ -7,18 +7,20 @@ See docs/methods.md#calibration-workflow and docs/methods.md#calibration-data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 from calibkit.checks import check_int
 from calibkit.cifar.data import ImageTensors, calibration_batches
 from calibkit.errors import CalibrationError
 from calibkit.quant.numerics import check_bits
-from calibkit.quant.observers import CALIBRATION_METHODS
+from calibkit.quant.observers import CALIBRATION_METHODS, check_averaging_constant
 from calibkit.quant.qconfig import QConfig, get_default_qconfig
 
 __all__ = ["METHODS", "QuantSetting", "SETTINGS", "BatchesFn", "batches_fn", "calibration_sets", "check_batches",
-           "example_inputs_of", "positive_ints", "mean"]
+           "example_inputs_of", "positive_ints", "mean", "CalibrationChoice", "CHOICE_FILE", "find_calibration_choice"]
 
 #: The five calibration methods (docs/methods.md#calibration-methods), in the order of the method table.
 METHODS = CALIBRATION_METHODS
@@ -113,3 +115,52 @@ def mean(xs) -> float:
     numbers the recorded results were computed with."""
     xs = list(xs)
     return sum(xs) / len(xs)
+
+
+#: the file notebook 02 writes its choice into, in its output folder
+CHOICE_FILE = "calibration_choice.json"
+
+
+@dataclass(frozen=True)
+class CalibrationChoice:
+    """The batch size and averaging constant notebook 02 chose with ``min_max`` (docs/methods.md#calibration-workflow):
+    every later notebook calibrates with them. ``steps``: the number of calibration batches the choice was made at;
+    ``accuracy``: its accuracy there; ``source``: where it was read from."""
+
+    batch_size: int
+    averaging_constant: float
+    steps: int
+    accuracy: float
+    source: str = ""
+
+    def __post_init__(self):
+        check_int("batch_size", self.batch_size, 1)
+        check_int("steps", self.steps, 1)
+        check_averaging_constant(self.averaging_constant)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps({k: v for k, v in asdict(self).items() if k != "source"}, indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationChoice":
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+            return cls(int(values["batch_size"]), float(values["averaging_constant"]), int(values["steps"]),
+                       float(values["accuracy"]), str(path))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"calibration choice file {str(path)!r} is unreadable ({e}): re-run notebook 02, "
+                             f"which writes it") from e
+
+
+def find_calibration_choice(output_dir: str | Path, path: str | Path | None = None) -> CalibrationChoice | None:
+    """Notebook 02's choice: from ``path`` if given (it must exist), else from the ``02_calibration_workflow``
+    folder beside ``output_dir`` (the runner's layout); ``None`` when that folder has none."""
+    if path is not None:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"calibration_choice={str(path)!r} does not exist: run notebook 02, or pass None")
+        return CalibrationChoice.load(path)
+    default = Path(output_dir).parent / "02_calibration_workflow" / CHOICE_FILE
+    return CalibrationChoice.load(default) if default.exists() else None
