@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from calibkit.tutorial.runner import list_notebooks, run_notebook
+from calibkit.tutorial import guide_checks
+from calibkit.tutorial.runner import list_notebooks, run_notebook, write_guide_table
+from calibkit.tutorial.settings import CHOICE_FILE, CalibrationChoice
 from regression import ACCURACY_ATOL, load, tolerance
 
 pytestmark = pytest.mark.notebooks
@@ -57,6 +59,8 @@ def check_02(m, out):
     # int8 min_max on a healthy model stays close to float (smoke model, 1000 test images)
     assert abs(m["quantized_accuracy"] - m["float_accuracy"]) < 0.05
     assert m["batch_size"] >= 1 and 0.0 <= m["averaging_constant"] <= 1.0
+    choice = CalibrationChoice.load(out / CHOICE_FILE)   # what notebooks 03-06 calibrate with
+    assert (choice.batch_size, choice.averaging_constant) == (m["batch_size"], m["averaging_constant"])
     assert list(out.glob("*.csv")) and list(out.glob("*.png"))
     hand = m["by_hand"]  # the running min/max replayed by hand gives the library's scale exactly
     assert hand["scale"][0] == hand["scale"][1]
@@ -188,3 +192,26 @@ def test_notebook_smoke(nb_path, smoke_root):
     if check:
         check(metrics, smoke_root / nb_path.stem)
     check_baseline(nb_path.stem, metrics)
+    check_guide(nb_path.name[:2], metrics, smoke_root)
+
+
+GUIDE_NOTEBOOKS = sorted({nb for nb, _ in guide_checks.RULES.values()})
+
+
+def check_guide(nb: str, m: dict, root: Path) -> None:
+    """Notebooks 02-06: their guide_checks records (ids, keys, verdicts); 03-06 calibrate with 02's choice."""
+    if nb not in GUIDE_NOTEBOOKS:
+        return
+    assert guide_checks.check_records(m.get("guide_checks", []), nb) == []
+    if nb != "02":
+        choice = CalibrationChoice.load(root / "02_calibration_workflow" / CHOICE_FILE)
+        assert m["calibration_choice"] == {"batch_size": choice.batch_size,
+                                           "averaging_constant": choice.averaging_constant}
+
+
+def test_every_guide_rule_measured(smoke_root):
+    """After the notebooks above ran (in this order), every one of the guide's 20 rules has a verdict."""
+    rows = write_guide_table(smoke_root)
+    missing = [r["id"] for r in rows if r["verdict"] == "not run"]
+    assert not missing, f"no record for {missing}: run the smoke notebooks 02-06 into {smoke_root} first"
+    assert (smoke_root / "guide_checks.csv").exists()

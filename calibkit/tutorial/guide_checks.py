@@ -6,7 +6,7 @@ Every notebook that measures a rule writes one record per rule into its ``metric
      "verdict": "agrees" | "disagrees" | "inconclusive", "note": "<why, including the noise>"}
 
 :data:`RULES` lists the 20 ids, the notebook that measures each and the rule in the kit's words
-(docs: ``../shared/spec/calibration-guide.md`` §3-6). A verdict is never written in advance: :func:`judge` turns a
+(docs/methods.md#the-guide-measured). A verdict is never written in advance: :func:`judge` turns a
 measured difference and its noise into one, and :func:`accuracy_noise` gives the noise of an accuracy (the spread
 over calibration seeds, and never less than one binomial standard error of the images it was measured on).
 :func:`collect` gathers the records of every notebook under one output root, for notebook 04's table and the

@@ -21,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from calibkit.tutorial import guide_checks
+from calibkit.tutorial.table import save_rows
+
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "notebooks"
 CHECKPOINT_NOTEBOOK = "01_train_float"
 
@@ -129,7 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"  {r['notebook']:<32} {r['seconds']:7.0f} s  {_scalar_summary(r['metrics'])}")
     print(f"  summary of all metrics: {root / 'summary.json'}")
+    rows = write_guide_table(root)
+    counts = guide_checks.verdict_table(rows)
+    print(f"  the guide's rules, measured: {', '.join(f'{n} {v}' for v, n in counts.items() if n)} "
+          f"-> {root / 'guide_checks.csv'}")
     return 0
+
+
+def write_guide_table(root: Path) -> list[dict]:
+    """Every guide check the notebooks under ``root`` wrote (:func:`calibkit.tutorial.guide_checks.collect`), saved
+    as ``guide_checks.csv`` / ``.json`` in ``root``; returns the rows."""
+    rows = guide_checks.collect(root)
+    save_rows(rows, root, "guide_checks")
+    return rows
 
 
 if __name__ == "__main__":
