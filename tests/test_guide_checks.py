@@ -67,6 +67,30 @@ def test_accuracy_noise_is_seed_spread_or_one_binomial_error():
         gc.accuracy_noise([], 10)
 
 
+def test_difference_noise_seed_spread_or_binomial():
+    # one seed each: the larger binomial error, sqrt(.25 / 100) at 0.5
+    assert gc.difference_noise([0.6], [0.5], 100) == pytest.approx(0.05)
+    # two seeds: the spread of the paired difference (0.2) beats the binomial part
+    assert gc.difference_noise([0.6, 0.7], [0.7, 0.6], 10 ** 6) == pytest.approx(0.2)
+    # unpaired (different lengths): the larger spread of either
+    assert gc.difference_noise([0.6, 0.64], [0.5], 10 ** 6) == pytest.approx(0.04)
+    # b measured on 400 images: its binomial error is half of a's on 100
+    assert gc.difference_noise([0.5], [0.5], 100, 400) == pytest.approx(0.05)
+    assert gc.difference_noise([0.5], [0.5], 400, 100) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="empty"):
+        gc.difference_noise([], [0.5], 100)
+
+
+def test_combine_verdicts_and_describe():
+    assert gc.combine_verdicts(["agrees", "agrees"]) == "agrees"
+    assert gc.combine_verdicts(["agrees", "inconclusive"]) == "inconclusive"
+    assert gc.combine_verdicts(["inconclusive", "disagrees", "agrees"]) == "disagrees"
+    with pytest.raises(ValueError, match="verdicts="):
+        gc.combine_verdicts(["agree"])
+    text = gc.describe(gc.guide_check("no_mosaic", "plain 61 %, mosaic 43 %", "agrees", "18 points, noise 2"))
+    assert "no_mosaic" in text and "AGREES" in text and "plain 61 %" in text and "noise 2" in text
+
+
 def _records(nb):
     return [gc.guide_check(i, "1 vs 2", "inconclusive", "noise") for i, (n, _) in gc.RULES.items() if n == nb]
 

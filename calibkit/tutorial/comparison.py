@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from calibkit.checks import check_int
 from calibkit.quant.calibrate import calibrate, evaluate
 from calibkit.quant.fake_quantize import FakeQuantState, set_fake_quantize
-from calibkit.quant.observers import get_observer_class
+from calibkit.quant.observers import check_averaging_constant, get_observer_class
 from calibkit.quant.prepare import prepare
 from calibkit.tutorial.settings import (METHODS, SETTINGS, QuantSetting, check_batches, example_inputs_of, mean)
 from calibkit.tutorial.tuning import percentile_evaluator
@@ -107,7 +107,7 @@ def compare_methods(model: nn.Module, calib_sets: Mapping[int, Sequence[torch.Te
                     val_labels: torch.Tensor, methods: Sequence[str] = METHODS,
                     settings: Sequence[QuantSetting] = SETTINGS, method_params: Mapping[str, Mapping] | None = None,
                     timing_repeats: int = 1, example_inputs=None, eval_batch_size: int = 500,
-                    progress: bool = False) -> list[dict]:
+                    progress: bool = False, on_run: Callable[[dict, nn.Module], None] | None = None) -> list[dict]:
     """Calibrate and evaluate every method x setting x seed on identical data, timing each calibration.
 
     For one (setting, seed) this is, per method: ``prepare(model, setting.qconfig(method))``, ``calibrate`` on the
@@ -121,6 +121,8 @@ def compare_methods(model: nn.Module, calib_sets: Mapping[int, Sequence[torch.Te
         method_params: ``{method: observer kwargs}`` (default: each observer's own defaults).
         timing_repeats: calibrations per (method, setting, seed) (>= 1): all are timed, the last one is
             evaluated; more repeats separate timing noise from real differences.
+        on_run: called as ``on_run(row, prepared)`` after each evaluation (the model in VALIDATION), to measure
+            more on a calibrated model without calibrating again (e.g. ``method_rules.KeepCalibrated``).
     Returns rows ``{"method", "setting", "activation_bits", "weight_bits", "per_channel_weights", "seed",
     "accuracy", "calib_seconds" (median of the repeats), "calib_seconds_all" (list)}``. The loops run seed ->
     setting -> repeat -> method, with the method order rotated at every step.
@@ -146,6 +148,8 @@ def compare_methods(model: nn.Module, calib_sets: Mapping[int, Sequence[torch.Te
                              "weight_bits": setting.weight_bits, "per_channel_weights": setting.per_channel_weights,
                              "seed": seed, "accuracy": acc, "calib_seconds": statistics.median(times[m]),
                              "calib_seconds_all": list(times[m])})
+                if on_run is not None:
+                    on_run(rows[-1], prepared[m])
                 bar.update(1)
     bar.close()
     return rows
@@ -165,7 +169,7 @@ def _check_grids(grids: Mapping[str, Sequence[Mapping]], num_batches: int) -> No
 def ease_of_use(model: nn.Module, calib: Sequence[torch.Tensor], val_images: torch.Tensor, val_labels: torch.Tensor,
                 grids: Mapping[str, Sequence[Mapping]] | None = None, setting: QuantSetting = SETTINGS[2],
                 percentile_from_stats: bool = True, example_inputs=None, eval_batch_size: int = 500,
-                progress: bool = False) -> list[dict]:
+                progress: bool = False, averaging_constant: float = 0.01) -> list[dict]:
     """Validation accuracy over each method's parameter grid at one ``setting``.
 
     Args:
@@ -175,11 +179,14 @@ def ease_of_use(model: nn.Module, calib: Sequence[torch.Tensor], val_images: tor
         percentile_from_stats: evaluate the ``percentile`` grid from statistics collected once
             (:func:`percentile_evaluator`; thresholds bit-identical to a fresh calibration) instead of
             calibrating every point; those rows have ``calib_seconds = None``.
+        averaging_constant: the observers' averaging constant wherever a grid point does not set its own
+            (e.g. notebook 02's choice; default 0.01, the observers' default).
     Returns rows ``{"method", "params" (str, e.g. "percentile=99.99, bins=2048"), "accuracy",
     "calib_seconds", **params}``. A kl ``update_interval`` larger than ``len(calib)`` raises
     ``ValueError`` up front (it could never produce a scale).
     """
     grids = dict(EASE_GRIDS if grids is None else grids)
+    check_averaging_constant(averaging_constant)
     calib = check_batches(calib)
     _check_grids(grids, len(calib))
     ex = example_inputs_of(example_inputs, calib)
@@ -194,13 +201,14 @@ def ease_of_use(model: nn.Module, calib: Sequence[torch.Tensor], val_images: tor
     todo = [(m, kw) for m, grid in grids.items() for kw in grid]
     for m, kw in tqdm(todo, desc="ease-of-use grid", disable=not progress):
         if from_stats(m, kw):
-            c = kw.get("averaging_constant", 0.01)
+            c = kw.get("averaging_constant", averaging_constant)
             if c not in evaluators:
                 evaluators[c] = percentile_evaluator(model, calib, val_images, val_labels, setting, c,
                                                      example_inputs=ex, eval_batch_size=eval_batch_size)
             acc, seconds = evaluators[c](kw.get("percentile", 99.99), kw.get("bins", 2048)), None
         else:
-            res = calibrate_and_evaluate(model, setting.qconfig(m, **kw), calib, val_images, val_labels, ex,
+            res = calibrate_and_evaluate(model, setting.qconfig(m, **{"averaging_constant": averaging_constant, **kw}),
+                                         calib, val_images, val_labels, ex,
                                          eval_batch_size=eval_batch_size)
             acc, seconds = res["accuracy"], res["calib_seconds"]
         rows.append({"method": m, "params": ", ".join(f"{k}={v}" for k, v in kw.items()),

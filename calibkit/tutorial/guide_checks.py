@@ -20,8 +20,8 @@ import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
-__all__ = ["RULES", "VERDICTS", "KEYS", "guide_check", "judge", "accuracy_noise", "check_records", "collect",
-           "verdict_table"]
+__all__ = ["RULES", "VERDICTS", "KEYS", "guide_check", "judge", "accuracy_noise", "difference_noise",
+           "combine_verdicts", "describe", "check_records", "collect", "verdict_table"]
 
 VERDICTS = ("agrees", "disagrees", "inconclusive")
 KEYS = ("id", "rule", "measured", "verdict", "note")
@@ -104,6 +104,46 @@ def accuracy_noise(accuracies: Sequence[float], num_images: int) -> float:
         raise ValueError(f"num_images={num_images!r} is out of range: use an integer >= 1")
     p = sum(accuracies) / len(accuracies)
     return max(max(accuracies) - min(accuracies), math.sqrt(max(p * (1 - p), 0.0) / num_images))
+
+
+def difference_noise(a: Sequence[float], b: Sequence[float], num_images_a: int, num_images_b: int | None = None) -> float:
+    """The noise of ``mean(a) - mean(b)``, two accuracies measured with one or more calibration seeds on
+    ``num_images_a`` / ``num_images_b`` images (default: the same number): the seed-to-seed spread of the
+    difference ``max - min`` of ``a_i - b_i`` when both hold one value per seed (same length > 1), else the larger
+    spread of ``a`` and of ``b``; and never less than the larger binomial standard error of the two accuracies
+    (:func:`accuracy_noise` of each mean). Paired on the same images, the binomial part is an upper bound."""
+    a, b = [float(x) for x in a], [float(x) for x in b]
+    if not a or not b:
+        raise ValueError("a and b must not be empty")
+    if len(a) == len(b) > 1:
+        d = [x - y for x, y in zip(a, b)]
+        spread = max(d) - min(d)
+    else:
+        spread = max(max(a) - min(a), max(b) - min(b))
+    nb = num_images_a if num_images_b is None else num_images_b
+    return max(spread, accuracy_noise([sum(a) / len(a)], num_images_a), accuracy_noise([sum(b) / len(b)], nb))
+
+
+def combine_verdicts(verdicts: Sequence[str]) -> str:
+    """One verdict for a rule with several parts: ``disagrees`` if any part disagrees, ``agrees`` if every part
+    agrees, else ``inconclusive``."""
+    verdicts = list(verdicts)
+    if not verdicts or any(v not in VERDICTS for v in verdicts):
+        raise ValueError(f"verdicts={verdicts!r}: give one or more of {VERDICTS}")
+    if "disagrees" in verdicts:
+        return "disagrees"
+    return "agrees" if all(v == "agrees" for v in verdicts) else "inconclusive"
+
+
+_WORDS = {"agrees": "the numbers agree with the guide", "disagrees": "the numbers contradict the guide",
+          "inconclusive": "the numbers cannot tell (a difference inside the noise, or only part of the rule holds)",
+          "not run": "not measured yet"}
+
+
+def describe(record: Mapping) -> str:
+    """A record in words, for printing under its experiment: the rule, the verdict, the numbers and the note."""
+    return (f"{record['id']} -- guide: {record['rule']}\n  verdict: {record['verdict'].upper()}: "
+            f"{_WORDS[record['verdict']]}\n  measured: {record['measured']}\n  note: {record['note']}")
 
 
 def check_records(records: Sequence[Mapping], notebook: str) -> list[str]:

@@ -73,7 +73,8 @@ NOTEBOOK_DEFAULTS: dict[str, dict[str, dict]] = {
                      sweep_bits=[8, 6, 4], curve_steps=[1, 2, 4, 8, 16, 32, 64, 128], curve_seeds=[0, 1],
                      curve_bits=[8, 4]),
         "smoke": dict(sweep_batch_sizes=[16, 64], sweep_averaging_constants=[0.01, 0.1, 0.5], sweep_steps=[2, 16],
-                      sweep_bits=[8, 6, 4], curve_steps=[1, 2, 4, 8, 16], curve_seeds=[0], curve_bits=[8, 4]),
+                      sweep_bits=[8, 6, 4], curve_steps=[1, 2, 4, 8, 16, 32, 64, 128], curve_seeds=[0],
+                      curve_bits=[8, 4]),
     },
     "04": {
         "full": dict(calib_seeds=[0, 1], tune_max_evals=24),
@@ -150,6 +151,11 @@ class TutorialSetup:
         """The averaging constant every activation observer of notebooks 03-06 uses: notebook 02's choice, or the
         observers' default 0.01 without one."""
         return self.choice.averaging_constant if self.choice is not None else 0.01
+
+    @property
+    def calibration_settings(self) -> dict:
+        """What the notebooks calibrate with, for their ``metrics.json``: batch size and averaging constant."""
+        return {"batch_size": int(self.calib[0].shape[0]), "averaging_constant": self.averaging_constant}
 
     @property
     def example_inputs(self) -> tuple[torch.Tensor]:

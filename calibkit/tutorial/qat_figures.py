@@ -1,13 +1,13 @@
 """Figures of notebook 06: the curves of the QAT runs (validation accuracy, training loss, how far the activation
-scales moved). Like every figure of the tutorial, it returns the ``Figure`` and neither shows nor saves it."""
+scales moved) and the guide-check grid (fixed / free scales from every start, per bit width and seed). Like every figure of the tutorial, it returns the ``Figure`` and neither shows nor saves it."""
 
 from __future__ import annotations
 
 from typing import Mapping
 
-__all__ = ["plot_qat_curves"]
+__all__ = ["plot_qat_curves", "plot_qat_grid"]
 
-START_COLORS = {"well": "tab:blue", "poor": "tab:red"}
+START_COLORS = {"well": "tab:blue", "poor": "tab:red", "uncalibrated": "tab:gray"}
 
 
 def _moving_average(values, window: int) -> list[float]:
@@ -45,5 +45,35 @@ def plot_qat_curves(runs: Mapping[str, Mapping], float_accuracy: float | None = 
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_qat_grid(rows, float_accuracy: float | None = None):
+    """One panel per activation bit width of the guide-check rows (:func:`calibkit.tutorial.qat_rules.fixed_free_rows`
+    and ``uncalibrated_rows``): for every start and mode, the QAT accuracy of each seed (dots) and their mean (bar),
+    with the start's PTQ accuracy before QAT (black dash). Colour: the start; hatched bars: free scales."""
+    import matplotlib.pyplot as plt
+
+    bits = sorted({r["bits"] for r in rows}, reverse=True)
+    fig, axes = plt.subplots(1, len(bits), figsize=(6 * len(bits), 4), squeeze=False)
+    for ax, b in zip(axes[0], bits):
+        here = [r for r in rows if r["bits"] == b]
+        groups = list(dict.fromkeys((r["start"], r["mode"]) for r in here))
+        for x, (start, mode) in enumerate(groups):
+            g = [r for r in here if (r["start"], r["mode"]) == (start, mode)]
+            accs = [100 * r["qat"] for r in g]
+            ax.bar(x, sum(accs) / len(accs), color=START_COLORS.get(start), alpha=0.5,
+                   hatch="//" if mode == "free" else None, edgecolor="k")
+            ax.plot([x] * len(accs), accs, "o", color="k", ms=4)
+            ax.plot([x - 0.4, x + 0.4], [100 * sum(r["ptq"] for r in g) / len(g)] * 2, color="k", lw=2)
+        if float_accuracy is not None:
+            ax.axhline(100 * float_accuracy, color="k", ls=":", label="float")
+            ax.legend(fontsize=8, loc="lower right")
+        ax.set_xticks(range(len(groups)), [f"{s}\n{m}" for s, m in groups], fontsize=8)
+        accs = [100 * v for r in here for v in (r["qat"], r["ptq"])]
+        ax.set_ylim(max(0.0, min(accs) - 5), max(accs + ([100 * float_accuracy] if float_accuracy else [])) + 2)
+        ax.set(ylabel="accuracy (%)", title=f"{b}-bit activations: after QAT (bars, dots: seeds), before (dash)")
+        ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig

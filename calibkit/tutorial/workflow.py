@@ -237,15 +237,29 @@ def sweep_min_max(model: nn.Module, data, val_images: torch.Tensor, val_labels: 
     return rows
 
 
+def _given_trace(traces: Mapping[int, MinMaxTrace], seed: int, batch_size: int, weight_bits: int) -> MinMaxTrace:
+    """``traces[seed]``, checked against the curve's batch size and weight bit width."""
+    if seed not in traces:
+        raise ValueError(f"traces has no recording for seed {seed} (it has seeds {sorted(traces)})")
+    trace = traces[seed]
+    wbits = {q.bits for q in named_quantizers(trace.prepared).values() if q.kind == "weight"}
+    if trace.batch_size != batch_size or wbits != {weight_bits}:
+        raise ValueError(f"traces[{seed}] was recorded at batch size {trace.batch_size} with {sorted(wbits)}-bit weights, "
+                         f"not batch_size={batch_size}, weight_bits={weight_bits}")
+    return trace
+
+
 def steps_curve(model: nn.Module, data, val_images: torch.Tensor, val_labels: torch.Tensor, batch_size: int = 128,
                 averaging_constant: float = 0.01, steps: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
                 activation_bits: Sequence[int] | int = 8, weight_bits: int = 8, seeds: Sequence[int] = (0,),
-                example_inputs=None, eval_batch_size: int = 500, progress: bool = False) -> list[dict]:
+                example_inputs=None, eval_batch_size: int = 500, progress: bool = False,
+                traces: Mapping[int, MinMaxTrace] | None = None) -> list[dict]:
     """Accuracy of ``min_max`` calibration against the number of calibration steps (batches).
 
     One recording of ``max(steps)`` batches per seed, replayed for each prefix length. Rows
     ``{"activation_bits", "seed", "steps", "images", "accuracy", "seconds"}``. Several ``seeds`` show
-    how much of the curve is data noise.
+    how much of the curve is data noise. ``traces``: ``{seed: MinMaxTrace}`` recorded beforehand (at
+    ``batch_size`` and ``weight_bits``, at least ``max(steps)`` batches) to reuse instead of recording again.
     """
     steps = sorted(set(positive_ints("steps", steps)))
     check_averaging_constant(averaging_constant)
@@ -253,8 +267,8 @@ def steps_curve(model: nn.Module, data, val_images: torch.Tensor, val_labels: to
     get = batches_fn(data, model_device(model))
     rows = []
     for seed in seeds:
-        trace = MinMaxTrace.record(model, get(max(steps), batch_size, seed), bits_list[0], weight_bits,
-                                   example_inputs=example_inputs)
+        trace = _given_trace(traces, seed, batch_size, weight_bits) if traces is not None else MinMaxTrace.record(
+            model, get(max(steps), batch_size, seed), bits_list[0], weight_bits, example_inputs=example_inputs)
         for bits in bits_list:
             for st in tqdm(steps, desc=f"steps curve seed {seed}", disable=not progress, leave=False):
                 acc = evaluate(trace.apply(averaging_constant, st, bits), val_images, val_labels, eval_batch_size,

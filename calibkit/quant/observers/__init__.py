@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from calibkit.quant.observers.base import ObserverBase, check_averaging_constant, check_int_range, check_percentile
 from calibkit.quant.observers.fixed import FixedScaleObserver
-from calibkit.quant.observers.kl import KLObserver
+from calibkit.quant.observers.kl import KLObserver, LeftOutBatchesWarning
 from calibkit.quant.observers.minmax import (MinMaxObserver, MovingAverageMinMaxObserver,
                                              MovingAveragePerChannelMinMaxObserver)
 from calibkit.quant.observers.mix import MixObserver
@@ -30,7 +30,7 @@ from calibkit.quant.observers.mse import MSEObserver
 from calibkit.quant.observers.percentile import PercentileObserver
 
 __all__ = ["ObserverBase", "MinMaxObserver", "MovingAverageMinMaxObserver", "MovingAveragePerChannelMinMaxObserver",
-           "FixedScaleObserver", "PercentileObserver", "MSEObserver", "KLObserver", "MixObserver",
+           "FixedScaleObserver", "PercentileObserver", "MSEObserver", "KLObserver", "LeftOutBatchesWarning", "MixObserver",
            "get_observer_class", "observer_names", "register_observer", "check_averaging_constant",
            "check_percentile", "check_int_range", "CALIBRATION_METHODS"]
 

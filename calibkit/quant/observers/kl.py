@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -13,6 +14,12 @@ from calibkit.quant.accumulating_histogram import AccumulatingHistogram
 from calibkit.quant.histogram import MAX_BINS
 from calibkit.quant.kl_search import abs_histogram_l2, kl_threshold_bins
 from calibkit.quant.observers.base import ObserverBase, check_int_range
+
+
+class LeftOutBatchesWarning(UserWarning):
+    """A kl threshold was read while the batches after its last search were not yet searched
+    (``steps`` is not a multiple of ``update_interval``): those batches are in the histogram but not in the
+    threshold (docs/methods.md#kl)."""
 
 
 class KLObserver(ObserverBase):
@@ -51,6 +58,13 @@ class KLObserver(ObserverBase):
             the qparams raises :class:`CalibrationError`.
         bits, averaging_constant: see :class:`ObserverBase`. Per tensor only (``ch_axis=None``).
 
+    Reading the threshold (``get_amax`` / ``calculate_qparams``) does not search: after ``n`` steps the threshold
+    comes from the ``n // update_interval`` searches, and the last ``n % update_interval`` batches are left out of
+    it. In eval mode (calibration and validation; ``calibrate`` requires it) such a read warns
+    (:class:`LeftOutBatchesWarning`, once per step count) naming ``update_interval``, the batches left out and
+    the remedy; in train mode (QAT, where the scale follows the searches as they come) it does not. The scale
+    is the same either way.
+
     Buffers: ``amax``, ``steps``, ``searches`` (saved); the histogram is not saved, so calibrating again after
     loading starts a new one. See docs/methods.md#kl.
     """
@@ -76,6 +90,7 @@ class KLObserver(ObserverBase):
         self.update_interval = check_int_range("update_interval", update_interval, 1)
         self.register_buffer("searches", torch.tensor(0, dtype=torch.int64))
         self.histogram = AccumulatingHistogram(self.bins)
+        self._warned_at = -1  # the step count of the last LeftOutBatchesWarning (not state)
         #: Why the last search kept the max instead of searching (``None``: an entropy search, or none yet).
         self.fallback: str | None = None
         #: Number of searches that kept the max (since the last ``reset``).
@@ -174,8 +189,31 @@ class KLObserver(ObserverBase):
                 f"update_interval={self.update_interval} is larger than the {int(self.steps)} calibration steps run: "
                 "use update_interval <= number of calibration steps")
 
+    def get_amax(self) -> torch.Tensor:
+        """Clipping threshold (float32 ``[]``) from the searches so far; warns when batches after the last search
+        are left out (class docstring)."""
+        amax = super().get_amax()
+        self._warn_left_out()
+        return amax
+
+    def left_out(self) -> int:
+        """Batches observed after the last search, which the threshold does not include: ``steps % update_interval``."""
+        return int(self.steps) % self.update_interval
+
+    def _warn_left_out(self) -> None:
+        steps, left = int(self.steps), self.left_out()
+        if left == 0 or self.training or self._warned_at == steps:
+            return
+        self._warned_at = steps
+        warnings.warn(
+            f"kl observer: update_interval={self.update_interval} leaves the last {left} of {steps} calibration "
+            f"batches out of the threshold (it was searched after batch {steps - left}); use an update_interval that "
+            f"divides the number of calibration batches, or a multiple of {self.update_interval} batches",
+            LeftOutBatchesWarning, stacklevel=3)
+
     def reset(self) -> None:
         super().reset()
+        self._warned_at = -1
         self.searches.zero_()
         self.histogram.reset()
         self.fallback, self.fallbacks = None, 0
