@@ -26,14 +26,7 @@ scipy_stats = pytest.importorskip("scipy.stats")
 
 
 # -- tiny model and data --------------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tiny model gains nothing from intra-op threads, and on a shared CPU their spin-waiting made this
-    file ~20x slower (measured: 230 s vs 10 s for the compare test); restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model gains nothing from intra-op threads
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ from calibkit.tutorial.settings import SETTINGS
 from calibkit.tutorial.workflow import calibrate_and_evaluate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model gains nothing from intra-op threads
 
 
 @pytest.fixture(scope="module")
