@@ -37,3 +37,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier():
+    """``make(num_images) -> (model, images, labels)``: a seeded tiny CIFAR ResNet (eval mode) and random 16 x 16
+    images labelled with its own predictions, so the float model is 100 % "accurate" on them."""
+    from calibkit.cifar.models import cifar_resnet
+
+    def make(num_images: int):
+        torch.manual_seed(0)
+        model = cifar_resnet(width=(8, 8, 8), stem_width=8).eval()
+        images = torch.randn(num_images, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            labels = model(images).argmax(1)
+        return model, images, labels
+    return make

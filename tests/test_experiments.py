@@ -19,7 +19,6 @@ from calibkit.tutorial.workflow import (MinMaxTrace, calibrate_and_evaluate, cho
                                         steps_curve, sweep_min_max)
 from calibkit.quant.fake_quantize import FakeQuantState, named_quantizers, set_fake_quantize
 from calibkit.quant.calibrate import calibrate
-from calibkit.cifar.models import cifar_resnet
 from calibkit.quant.prepare import prepare
 
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -30,14 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model gains nothi
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    model = cifar_resnet(width=(8, 8, 8), stem_width=8).eval()
-    g = torch.Generator().manual_seed(1)
-    images = torch.randn(48, 3, 16, 16, generator=g)
-    with torch.no_grad():
-        labels = model(images).argmax(1)  # the float model is 100 % "accurate" on its own predictions
-    return model, images, labels
+def tiny(tiny_classifier):
+    return tiny_classifier(48)
 
 
 def batches_fn(num_batches, batch_size, seed):

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from calibkit.cifar.models import cifar_resnet
 from calibkit.quant.qconfig import get_default_qconfig
 from calibkit.tutorial.comparison import SPEC_RANKS, compare_methods, ease_of_use
 from calibkit.tutorial.guide_checks import KEYS, describe
@@ -23,13 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny model gains nothi
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    model = cifar_resnet(width=(8, 8, 8), stem_width=8).eval()
-    g = torch.Generator().manual_seed(1)
-    images = torch.randn(64, 3, 16, 16, generator=g)
-    with torch.no_grad():
-        labels = model(images).argmax(1)
+def tiny(tiny_classifier):
+    model, images, labels = tiny_classifier(64)
     calib = {s: [torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(10 + s)) * 1.5 for _ in range(2)]
              for s in (0, 1)}
     return model, images, labels, calib
