@@ -387,6 +387,23 @@ def test_subset_stratified_and_random():
         ds.subset(test=-1)
 
 
+def test_balanced_subset_takes_every_class_of_a_class_sorted_split():
+    from calibkit.cifar.images import balanced_subset
+    labels = torch.arange(5).repeat_interleave(20)          # sorted by class, as an image folder is read
+    images = torch.arange(100, dtype=torch.float32)[:, None] * 10
+    x, y = balanced_subset(images, labels, 15, seed=1)
+    assert torch.bincount(y, minlength=5).tolist() == [3] * 5   # labels[:15] would be class 0 only
+    assert torch.equal(x[:, 0] / 10, torch.sort(x[:, 0] / 10).values)  # original order kept
+    assert torch.equal(labels[(x[:, 0] / 10).long()], y)      # image and label stay paired
+    assert torch.equal(balanced_subset(images, labels, 15, seed=1)[0], x)
+    assert not torch.equal(balanced_subset(images, labels, 15, seed=2)[0], x)
+    assert balanced_subset(images, labels, None)[0] is images
+    assert torch.equal(balanced_subset(images, labels, 100)[0], images)
+    with pytest.raises(ValueError, match=r"n=101 is out of range: there are 100 images, use a value in \[0, 100\]"):
+        balanced_subset(images, labels, 101)
+    with pytest.raises(ValueError, match="images has 100 entries and labels 99"):
+        balanced_subset(images, labels[:99], 5)
+
 def test_image_tensors_validates_fields():
     x = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
     with pytest.raises(TypeError, match="train_images must be torch.uint8"):

@@ -140,3 +140,15 @@ def test_interactive_parameters_fill_only_what_is_left_open(monkeypatch):
     assert interactive_parameters("03_x") == ("smoke", "/tmp/o/03_x", "/tmp/o/01_train_float/model.pt", False)
     # papermill's values win over the environment
     assert interactive_parameters("03_x", "full", "out", "ck.pt", True) == ("full", "out", "ck.pt", True)
+
+
+# A split read from an image folder is sorted by class: its first n images may hold one or two classes (the first
+# 2000 CIFAR-10 test images are airplanes and automobiles), so evaluation subsets are drawn with balanced_subset.
+SLICED_SUBSET = re.compile(r"\b(?:val|slider|holdout|test)_(?:images|labels)\[:\s*[A-Za-z_]")
+
+
+def test_evaluation_subsets_are_drawn_not_sliced():
+    sources = {p: "".join("".join(c["source"]) for c in json.loads(p.read_text())["cells"]) for p in list_notebooks()}
+    sources |= {p: p.read_text() for p in (ROOT / "calibkit").rglob("*.py")}
+    sliced = {str(p.relative_to(ROOT)): SLICED_SUBSET.findall(s) for p, s in sources.items() if SLICED_SUBSET.search(s)}
+    assert not sliced, f"a sized slice of a class-sorted split (use calibkit.cifar.images.balanced_subset): {sliced}"

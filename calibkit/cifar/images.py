@@ -97,6 +97,26 @@ class ImageTensors:
 CifarTensors = ImageTensors  # the name used by the CIFAR-10 API contract
 
 
+def balanced_subset(images: torch.Tensor, labels: torch.Tensor, n: int | None, seed: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` of ``(images, labels)`` drawn without replacement with balanced class counts (they differ by at most
+    one where the labels allow it), kept in their original order; ``None`` keeps them all.
+
+    Use it instead of slicing ``images[:n]``: an image-folder split is sorted by class, so its first ``n`` images
+    may hold one or two classes only.
+    """
+    if len(images) != len(labels):
+        raise ValueError(f"images has {len(images)} entries and labels {len(labels)}: they must match")
+    if n is None:
+        return images, labels
+    check_int("n", n, 0)
+    check_int("seed", seed)
+    if n > len(labels):
+        raise ValueError(f"n={n} is out of range: there are {len(labels)} images, use a value in [0, {len(labels)}]")
+    idx = _stratified_pick(labels.cpu(), n, torch.Generator().manual_seed(seed)).sort().values.to(labels.device)
+    return images[idx.to(images.device)], labels[idx]
+
+
 def _stratified_pick(labels: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
     """Indices of ``n`` labels, classes taken round-robin in a random order (balanced counts)."""
     perm = torch.randperm(len(labels), generator=g)

@@ -46,12 +46,13 @@ __all__ = ["SIZES", "Config", "Passes", "calibration_passes", "clip_model", "lay
            "interval_rows", "interval_check", "spread"]
 
 #: Sizes per profile. seeds: calibration seeds, added to the notebook's seed (0 = the notebook's calibration
-#: set); repeats: timed passes per seed (every pass is one timing sample); eval_images: accuracy on the first this
-#: many slider images (the same images for every config, so the comparisons are paired; the ~26 evaluations of
-#: the full model fit the full profile's budget, with its 2 passes, only on half of the 2000: ~4 minutes in all);
-#: bits: activation widths of the long-tail check (8, and 4 where a clip matters more); knob_bits: the width of the stride and update_interval checks (where a clip difference shows in accuracy);
-#: intervals: kl update_interval values (None = the number of calibration steps); sqnr_images: images on which
-#: the long-tail layer's SQNR is measured.
+#: set); repeats: timed passes per seed (every pass is one timing sample); eval_images: accuracy on this many
+#: slider images, class-balanced (``balanced_subset``), the same images for every config, so the comparisons are
+#: paired (the ~26 evaluations of the full model fit the full profile's budget, with its 2 passes, only on half
+#: of the 2000: ~4 minutes in all); bits: activation widths of the long-tail check (8, and 4 where a clip matters
+#: more); knob_bits: the width of the stride and update_interval checks (where a clip difference shows in
+#: accuracy); intervals: kl update_interval values (None = the number of calibration steps); sqnr_images: images
+#: (class-balanced) on which the long-tail layer's SQNR is measured.
 SIZES = {
     "full": dict(seeds=[0, 1], repeats=1, eval_images=1000, bits=[8, 4], knob_bits=4, percentiles=[99.9, 99.99],
                  strides=[1, 2, 5, 10], intervals=[1, 2, 4, None], sqnr_images=256),

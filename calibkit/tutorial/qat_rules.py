@@ -47,7 +47,7 @@ __all__ = ["SIZES", "QatBench", "fixed_free_rows", "uncalibrated_rows", "fixed_f
 
 #: Sizes of notebook 06's guide experiments per profile. Every run of the grid trains ``steps`` QAT steps of the
 #: notebook's batch size (128) -- a smaller budget than the notebook's four main runs (full: 2 epochs = 782 steps;
-#: smoke: 8 steps) -- and is evaluated on the first ``eval_images`` validation images.
+#: smoke: 8 steps) -- and is evaluated on ``eval_images`` validation images, class-balanced (``balanced_subset``).
 SIZES = {
     "full": dict(
         seeds=(0, 1),             # calibration set and QAT data order; the noise is the spread over them
