@@ -43,3 +43,19 @@ def test_scales_match_the_recording(cifar, config):
     for name, scales in want["scales"].items():
         assert got["scales"][name] == pytest.approx(scales, rel=rtol), f"{config}: scale of {name} ({kind} machine)"
     assert math.isclose(got["logit_sum"], want["logit_sum"], rel_tol=10 * rtol), f"{config}: outputs ({kind} machine)"
+
+
+def test_smoke_recordings_are_exact_on_a_recorded_machine_and_a_range_elsewhere():
+    from regression import recorded_problems
+    recs = [{"machine": "A", "notebooks": {"02": {"acc": 0.578, "q.well": 0.381}}},
+            {"machine": "B", "notebooks": {"02": {"acc": 0.598, "q.well": 0.337}}}]
+    table = {"same": 1e-9, "other": 0.02}
+    assert recorded_problems(recs, "B", "02", {"acc": 0.598, "q": {"well": 0.337}}, table) == []
+    assert recorded_problems(recs, "A", "02", {"acc": 0.598, "q": {"well": 0.381}}, table) == [
+        "02: acc = 0.598, recorded [0.578] (same machine, tolerance 1e-09)"]
+    # another machine: within 0.02 of the range [0.337, 0.381]; a difference of exactly 0.02 passes
+    assert recorded_problems(recs, "C", "02", {"acc": 0.558, "q": {"well": 0.40}}, table) == []
+    assert recorded_problems(recs, "C", "02", {"acc": 0.618, "q": {"well": 0.316}}, table) == [
+        "02: q.well = 0.316, recorded [0.381, 0.337] (other machine, tolerance 0.02)"]
+    assert recorded_problems(recs, "C", "03", {}, table) == []   # nothing recorded for that notebook
+    assert all(r["machine"] and r["notebooks"] for r in load("smoke_baseline.json")["recordings"])
