@@ -15,6 +15,7 @@ from torch import nn
 import calibkit as ck
 from calibkit.own.compare import METHODS, method_qconfig
 from calibkit.own.spec import load_model
+from calibkit.errors import DataNotFoundError
 from calibkit.tutorial.own_model import make_image_folder
 
 TESTS = Path(__file__).resolve().parent
@@ -151,3 +152,17 @@ def test_bad_input_exits_with_one_line_and_no_report(inputs, case):
     assert len(lines) == 1 and lines[0].startswith("calibkit: error:"), r.stderr
     assert expected in lines[0] and "Traceback" not in r.stderr
     assert not out.exists() and not [p for p in root.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_make_image_folder_finds_the_mirror_where_make_data_unpacks_it(tmp_path):
+    # `make data` unpacks the mirror into <data dir>/cifar10-jpeg/, as load_cifar10 expects
+    from PIL import Image
+    for split in ("train", "test"):
+        (tmp_path / "data" / "cifar10-jpeg" / split / "airplane").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (32, 32), (i, 0, 0)).save(tmp_path / "data" / "cifar10-jpeg" / "train" / "airplane" / f"{i}.jpg")
+    out = make_image_folder(tmp_path / "out", ["airplane"], 2, data_dir=tmp_path / "data")
+    assert len(list((out / "airplane").glob("*.jpg"))) == 2
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataNotFoundError, match="no CIFAR-10 JPEG mirror .* in .*empty or one level down"):
+        make_image_folder(tmp_path / "out2", ["airplane"], 2, data_dir=tmp_path / "empty")

@@ -23,7 +23,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
 from calibkit.checks import check_int, check_number
-from calibkit.cifar.folders import resolve_data_dir
+from calibkit.cifar.folders import find_image_folder, resolve_data_dir
 from calibkit.errors import DataNotFoundError
 from calibkit.loop import lr_multiplier, train_steps
 from calibkit.own.data import Preprocessing
@@ -37,11 +37,17 @@ STAND_IN_CLASSES = ("airplane", "automobile", "frog")
 def make_image_folder(out: str | Path, classes: Sequence[str], per_class: int, split: str = "train", seed: int = 0,
                       data_dir: str | Path | None = None) -> Path:
     """Copy ``per_class`` JPEGs of each of ``classes`` (drawn with ``seed``) from the mirror's ``split`` folder into
-    ``out/<class>/``; returns ``out``. An ``out`` that already holds exactly those files is reused."""
+    ``out/<class>/``; returns ``out``. The mirror is ``data_dir`` (see ``resolve_data_dir``) or, as ``make data``
+    unpacks it, its ``cifar10-jpeg/`` sub-folder. An ``out`` that already holds exactly those files is reused."""
     check_int("per_class", per_class, 1)
     if split not in ("train", "test"):
         raise ValueError(f"split={split!r} is unknown: use 'train' or 'test'")
-    src_root = resolve_data_dir(data_dir) / split
+    searched = resolve_data_dir(data_dir)
+    mirror = find_image_folder(searched)   # the folder itself, or its cifar10-jpeg/ (where `make data` unpacks it)
+    if mirror is None:
+        raise DataNotFoundError(f"no CIFAR-10 JPEG mirror (<dir>/<split>/<class>/*.jpg) in {searched} or one level "
+                                "down: run `make data`, or set CALIBKIT_DATA_DIR or data_dir to the mirror")
+    src_root = mirror / split
     out = Path(out)
     g = torch.Generator().manual_seed(seed)
     for c in classes:
