@@ -276,8 +276,8 @@ def train(model, ds, epochs: int, batch_size: int = 1024, lr: float = 1.5, seed:
     base_flips = torch.rand(n, generator=gen) < 0.5 if flip and alternate_flip else None
     # cutout fills with the mean training pixel (about 0 after normalization), from every class: a strided
     # sample, since an image folder is sorted by class
-    sample = images[::max(1, len(images) // 5000)].to(torch.float32) if cutout else None
-    fill = sample.mean((0, 2, 3)).round().to(images.dtype) if cutout else None
+    sample = images[::max(1, len(images) // 5000)]
+    fill = sample.to(torch.float32).mean((0, 2, 3)).round().to(images.dtype) if cutout else None
     batches = _epoch_batches(images, ds.train_labels, gen, epochs, batch_size, dev, base_flips, flip=flip,
                              translate=translate, cutout=cutout, cutout_fill=fill)
 
